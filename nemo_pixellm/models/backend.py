@@ -1,0 +1,31 @@
+"""Backend selection: Transformer Engine modules when TE is importable, pure PyTorch otherwise.
+
+Both backends fill the same ModuleSpec slots with modules whose parameters have the same names, so a
+checkpoint moves between them.
+"""
+
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+
+from nemo_pixellm.models.core_attention import SDPACoreAttention
+
+try:
+    import transformer_engine  # noqa: F401
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    HAVE_TE = True
+except ImportError:
+    HAVE_TE = False
+
+
+class TorchSpecProvider(LocalSpecProvider):
+    """Megatron's local modules, with core attention over torch SDPA (MLA needs k/v channels)."""
+
+    def core_attention(self) -> type:
+        return SDPACoreAttention
+
+
+def spec_provider(use_te: bool | None = None) -> BackendSpecProvider:
+    use_te = HAVE_TE if use_te is None else use_te
+    if use_te and not HAVE_TE:
+        raise RuntimeError("transformer_engine is not installed: install the [gpu] extra or set model.use_te=false")
+    return TESpecProvider() if use_te else TorchSpecProvider()

@@ -1,0 +1,62 @@
+"""Core attention over torch's scaled_dot_product_attention: the local (non-TE) backend.
+
+Megatron-Core's local DotProductAttention has no k_channels / v_channels, so MLA (q/k head dim 192 vs
+v head dim 128 in PixelLM) cannot use it; this module fills the same spec slot with the same interface.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPACoreAttention(MegatronModule):
+    """softmax(q k^T * scale + mask) v per head; inputs [s, b, heads, dim], output [s, b, heads * v_dim]."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("context parallelism needs the Transformer Engine backend")
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.hidden_size_per_attention_head_v = v_channels or config.kv_channels
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences on the local backend use a block-diagonal attention_mask")
+        mask_type = attn_mask_type or self.attn_mask_type
+        seq_q, batch, heads, _ = query.shape
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        sdpa_mask, is_causal = None, False
+        if attention_mask is not None:
+            sdpa_mask = ~attention_mask.bool()  # Megatron: True = masked out; SDPA: True = attend
+        elif mask_type == AttnMaskType.causal:
+            is_causal = True
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=sdpa_mask, is_causal=is_causal,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+        )
+        return out.permute(2, 0, 1, 3).reshape(seq_q, batch, heads * v.shape[-1])

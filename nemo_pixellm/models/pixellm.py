@@ -1,0 +1,97 @@
+"""PixelLM: vision tower -> projector -> image features placed at the image-token positions of the
+text embeddings -> DeepSeek-V3-style decoder (Megatron GPTModel with MLA + MoE layer specs).
+
+Images of a micro-batch arrive concatenated in sample order ([num_images, 3, H, W]); their tokens fill
+the positions where ``input_ids == image_token_id``, row-major over (sample, position). Each sample gets
+exactly its own images, and text-only samples simply contain no image tokens.
+"""
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+
+from nemo_pixellm.models.projector import PixelProjector
+from nemo_pixellm.models.vision import VisionTower
+
+
+class PixelLMModel(MegatronModule):
+    def __init__(
+        self,
+        config,
+        language_model: GPTModel,
+        vision_config,
+        projector_config,
+        image_token_id: int,
+        patch_size: int,
+        base_image_size: int,
+        downsample: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        self.language_model = language_model
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.image_token_id = image_token_id
+        # Vision lives with the embeddings, on the first pipeline stage.
+        self.vision_model = self.projector = None
+        if pre_process:
+            self.vision_model = VisionTower(vision_config, patch_size, base_image_size, pg_collection=pg_collection)
+            self.projector = PixelProjector(
+                projector_config, vision_config.hidden_size, downsample, pg_collection=pg_collection
+            )
+        # Megatron's schedules and DDP look these up on the model they are given.
+        self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> [n * tokens_per_image, hidden] in the order the image tokens appear."""
+        tokens = self.projector(self.vision_model(images))
+        return tokens.reshape(-1, tokens.shape[-1])
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """Text embeddings with image features scattered into the image-token positions: [s, b, h]."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        image_mask = (input_ids == self.image_token_id).transpose(0, 1)  # [s, b]
+        num_image_tokens = int(image_mask.sum())
+        if images is None or images.shape[0] == 0:
+            if num_image_tokens:
+                raise ValueError(f"batch has {num_image_tokens} image tokens but no images")
+            return embeddings
+        features = self.image_embeddings(images)
+        if features.shape[0] != num_image_tokens:
+            raise ValueError(
+                f"{images.shape[0]} images give {features.shape[0]} tokens, but the batch has {num_image_tokens} "
+                "image-token positions: the processor and the model disagree on the image size or layout"
+            )
+        # Scatter in (sample, position) order: transpose to [b, s, h] so row-major order is per sample.
+        embeddings = embeddings.transpose(0, 1).clone()
+        embeddings[image_mask.transpose(0, 1)] = features.to(embeddings.dtype)
+        return embeddings.transpose(0, 1).contiguous()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        packed_seq_params=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        decoder_input = self.embed(input_ids, images) if self.pre_process else None
+        return self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed_seq_params,
+            **kwargs,
+        )

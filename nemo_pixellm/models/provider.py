@@ -1,0 +1,135 @@
+"""PixelLMProvider: the Megatron-Bridge model provider for PixelLM.
+
+An ``MLAModelProvider`` (so every DeepSeek-V3 field, parallel size and Bridge feature applies to the
+language model unchanged) plus the vision tower and projector fields. ``provide()`` builds the language
+model through Bridge with the plugin's decoder spec, then wraps it with the vision side.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from megatron.bridge.models.mla_provider import MLAModelProvider
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_pixellm.models.pixellm import PixelLMModel
+from nemo_pixellm.models.specs import decoder_block_spec
+
+MODULE_NAMES = ("vision_model", "projector", "language_model")
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")  # SigLIP's gelu_pytorch_tanh
+
+
+@dataclass
+class PixelLMProvider(MLAModelProvider):
+    # DeepSeek-V3 language-model defaults (variants set sizes; see conf/variant/).
+    position_embedding_type: str = "rope"
+    normalization: str = "RMSNorm"
+    gated_linear_unit: bool = True
+    activation_func: object = torch.nn.functional.silu
+    add_bias_linear: bool = False
+    qk_layernorm: bool = True  # MLA's q / kv low-rank norms
+    share_embeddings_and_output_weights: bool = False
+    moe_router_score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    moe_router_load_balancing_type: str = "none"  # aux-loss-free; "seq_aux_loss" adds the sequence-wise loss
+    moe_router_pre_softmax: bool = True
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_grouped_gemm: bool = False
+
+    # Backend: None = Transformer Engine when importable, else pure PyTorch.
+    use_te: bool | None = None
+    transformer_layer_spec: object = decoder_block_spec
+
+    # Vision tower (SigLIP-style ViT).
+    vision_hidden_size: int = 1152
+    vision_num_layers: int = 27
+    vision_num_attention_heads: int = 16
+    vision_ffn_hidden_size: int = 4304
+    vision_patch_size: int = 14
+    vision_image_size: int = 384  # resolution of the learned position table; other sizes interpolate
+    vision_layernorm_epsilon: float = 1e-6
+
+    # Projector: pixel-unshuffle factor and MLP width (None = LM hidden size).
+    projector_downsample: int = 2
+    projector_ffn_hidden_size: int | None = None
+
+    image_token_id: int = -1  # set from the tokenizer
+    trainable_modules: list[str] | None = None  # None = everything trains; else the named children that do
+
+    def _derived_config(self, **overrides) -> TransformerConfig:
+        """A TransformerConfig sharing this provider's parallel / precision settings."""
+        base = {}
+        for f in dataclasses.fields(TransformerConfig):
+            if not f.init:
+                continue
+            if f.name.startswith(("moe_", "mtp_")):  # the language model's MoE / MTP settings stay with it
+                if f.default is not dataclasses.MISSING:
+                    base[f.name] = f.default
+                elif f.default_factory is not dataclasses.MISSING:
+                    base[f.name] = f.default_factory()
+            else:
+                base[f.name] = getattr(self, f.name)
+        base.update(
+            num_moe_experts=None, moe_layer_freq=1, multi_latent_attention=False, qk_layernorm=False,
+            pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+            num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+            pipeline_model_parallel_layout=None, account_for_embedding_in_pipeline_split=False,
+            account_for_loss_in_pipeline_split=False, sequence_parallel=False,
+            gated_linear_unit=False, activation_func=gelu_tanh, bias_activation_fusion=False,
+            add_bias_linear=True, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
+            recompute_granularity=None, recompute_method=None, recompute_num_layers=None, kv_channels=None, num_query_groups=None,
+        )
+        base.update(overrides)
+        config = TransformerConfig(**base)
+        config.use_te = self.use_te
+        return config
+
+    def vision_config(self) -> TransformerConfig:
+        return self._derived_config(
+            num_layers=self.vision_num_layers, hidden_size=self.vision_hidden_size,
+            num_attention_heads=self.vision_num_attention_heads, ffn_hidden_size=self.vision_ffn_hidden_size,
+            normalization="LayerNorm", layernorm_epsilon=self.vision_layernorm_epsilon,
+        )
+
+    def projector_config(self) -> TransformerConfig:
+        return self._derived_config(
+            num_layers=1, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+            ffn_hidden_size=self.projector_ffn_hidden_size or self.hidden_size,
+            activation_func=torch.nn.functional.gelu,
+        )
+
+    def provide(self, pre_process=None, post_process=None, vp_stage=None) -> PixelLMModel:
+        if self.image_token_id < 0:
+            raise ValueError("PixelLMProvider.image_token_id is not set (it comes from the tokenizer)")
+        language_model = super().provide(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        model = PixelLMModel(
+            self,
+            language_model,
+            vision_config=self.vision_config(),
+            projector_config=self.projector_config(),
+            image_token_id=self.image_token_id,
+            patch_size=self.vision_patch_size,
+            base_image_size=self.vision_image_size,
+            downsample=self.projector_downsample,
+            pre_process=language_model.pre_process,
+            post_process=language_model.post_process,
+            pg_collection=self._pg_collection,
+        )
+        apply_trainable(model, self.trainable_modules)
+        return model
+
+
+def apply_trainable(model: torch.nn.Module, trainable_modules: list[str] | None) -> None:
+    """Freeze every top-level module not named in ``trainable_modules`` (None = all train)."""
+    if trainable_modules is None:
+        return
+    unknown = set(trainable_modules) - set(MODULE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown trainable module(s) {sorted(unknown)}; choose from {list(MODULE_NAMES)}")
+    for name in MODULE_NAMES:
+        module = getattr(model, name, None)
+        if module is not None:
+            module.requires_grad_(name in trainable_modules)

@@ -1,0 +1,71 @@
+"""Megatron-Core layer specs for PixelLM: which module fills which slot, for both backends.
+
+- The decoder: DeepSeek-V3 layers (MLA attention + MoE with a shared expert, optional dense first
+  layers through ``moe_layer_freq``), from Megatron's GPT block spec with the backend's core attention.
+- The vision tower: pre-norm ViT layers (LayerNorm, bidirectional attention, GELU MLP, biases).
+"""
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from nemo_pixellm.models.backend import HAVE_TE, spec_provider
+
+
+def _uses_te(config) -> bool:
+    use_te = getattr(config, "use_te", None)
+    return HAVE_TE if use_te is None else use_te
+
+
+def decoder_block_spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The language decoder: Megatron's GPT block spec (MLA + MoE) on the chosen backend."""
+    use_te = _uses_te(config)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
+    if not use_te:
+        core_attention = spec_provider(False).core_attention()
+        for layer in block.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = core_attention
+    return block
+
+
+def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
+    """One SigLIP-style ViT layer: pre-norm, bidirectional self-attention, GELU MLP."""
+    backend = spec_provider(use_te)
+    norm = backend.layer_norm(rms_norm=False, for_qk=False)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=backend.column_parallel_linear(),
+                    core_attention=backend.core_attention(),
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def projector_mlp_submodules(use_te: bool | None = None) -> MLPSubmodules:
+    backend = spec_provider(use_te)
+    return MLPSubmodules(linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear())
