@@ -7,7 +7,8 @@ patching each call site, this module redirects the CUDA *device* to the CPU at t
   empty_cache / streams / events become no-ops; the CUDA RNG functions act on the CPU generator.
   ``torch.cuda.is_available()`` and ``device_count()`` keep answering False / 0, so code that asks
   still takes its CPU branch.
-- Tensor factories called with ``device="cuda"`` and ``Tensor.cuda()`` / ``.to("cuda")`` stay on CPU.
+- Tensor factories called with ``device="cuda"`` and ``Tensor.cuda()`` / ``.to("cuda")`` stay on CPU, and
+  ``Tensor.type()`` names CPU tensors as CUDA ones (Megatron asserts ``"torch.cuda.FloatTensor"``).
 - Megatron's RNG tracker keeps its states on the CPU generator, and is seeded after Bridge's
   initialisation (Bridge skips ``model_parallel_cuda_manual_seed`` when no GPU is counted).
 - Bridge: ``allow_no_cuda=True``; no ``compile_helpers()`` (the wheel has no Makefile, the prebuilt
@@ -153,6 +154,16 @@ def _patch_factories() -> None:
         return tensor_to(self, *args, **kwargs)
 
     torch.Tensor.to = to
+    tensor_type = torch.Tensor.type
+
+    def type_name(self, dtype=None, non_blocking=False, **kwargs):
+        # Megatron checks p.type() == "torch.cuda.FloatTensor" (clip_grads, distrib_optimizer).
+        if dtype is None and not kwargs:
+            name = tensor_type(self)
+            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+        return tensor_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_name
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
 

@@ -1,0 +1,106 @@
+"""Megatron-Bridge dataset provider for PixelLM: resolves the data directory (building the synthetic
+set into the cache on first use), the tokenizer, and the train / validation datasets."""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
+
+from nemo_pixellm.data.dataset import VisionLanguageDataset
+from nemo_pixellm.data.shards import MANIFEST, ShardReader, write_shards
+from nemo_pixellm.data.synthetic import render_scene, scene_record
+from nemo_pixellm.data.tokenizer import PixelTokenizer, train_bpe
+
+SYNTHETIC_VERSION = 1  # bump when the generator's output changes, so caches rebuild
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NEMO_PIXELLM_CACHE", Path.home() / ".cache" / "nemo_pixellm"))
+
+
+def synthetic_dir(cache_dir, split: str, num_samples: int, seed: int, image_size: int) -> Path:
+    key = hashlib.sha1(json.dumps([SYNTHETIC_VERSION, split, num_samples, seed, image_size]).encode()).hexdigest()[:12]
+    return Path(cache_dir) / "synthetic" / f"{split}-{num_samples}-{key}"
+
+
+def ensure_synthetic(cache_dir, split: str, num_samples: int, seed: int, image_size: int, shard_size: int = 1000) -> Path:
+    """Build the synthetic shards once (safe when several ranks ask at the same time)."""
+    out = synthetic_dir(cache_dir, split, num_samples, seed, image_size)
+    if (out / MANIFEST).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / MANIFEST).is_file():
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            write_shards((scene_record(seed, i, image_size) for i in range(num_samples)), tmp, shard_size)
+            os.replace(tmp, out)
+    return out
+
+
+def ensure_tokenizer(cache_dir, vocab_size: int, seed: int) -> PixelTokenizer:
+    """The tiny default's BPE, trained once on synthetic captions and questions and cached."""
+    path = Path(cache_dir) / "tokenizer" / f"synthetic-bpe-v{SYNTHETIC_VERSION}-{vocab_size}-{seed}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not path.is_file():
+                texts = []
+                for i in range(2000):
+                    scene = render_scene(seed, i, 32)
+                    texts.append(scene.caption)
+                    texts.extend(f" {qa['q']} {qa['a']}" for qa in scene.qa)
+                train_bpe(texts, vocab_size, path)
+    return PixelTokenizer.from_dir(path)
+
+
+@dataclass(kw_only=True)
+class PixelLMDataConfig(DatasetProvider):
+    """``dataset`` section of the ConfigContainer. ``path=None`` selects the synthetic set."""
+
+    seq_length: int = 128
+    task: str = "caption"
+    path: str | None = None
+    valid_path: str | None = None
+    image_size: int = 224
+    patch_size: int = 14
+    downsample: int = 2
+    cache_dir: str | None = None
+    synthetic_train_samples: int = 4000
+    synthetic_valid_samples: int = 200
+    seed: int = 1234
+    tokenizer_path: str | None = None
+    tokenizer_vocab_size: int = 512
+
+    def cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+    def load_tokenizer(self) -> PixelTokenizer:
+        if self.tokenizer_path:
+            return PixelTokenizer.from_dir(self.tokenizer_path)
+        return ensure_tokenizer(self.cache(), self.tokenizer_vocab_size, self.seed)
+
+    def resolve_paths(self) -> tuple[Path, Path | None]:
+        if self.path is None:
+            train = ensure_synthetic(self.cache(), "train", self.synthetic_train_samples, self.seed, self.image_size)
+            valid = ensure_synthetic(self.cache(), "heldout", self.synthetic_valid_samples, self.seed + 1, self.image_size)
+            return train, valid
+        train = Path(self.path)
+        ShardReader(train)  # fails now, with the fix in the message, if the directory is not a shard set
+        return train, Path(self.valid_path) if self.valid_path else None
+
+    def _dataset(self, path, tokenizer, num_samples):
+        return VisionLanguageDataset(
+            path, tokenizer, self.seq_length, self.image_size, self.patch_size, self.downsample,
+            task=self.task, num_samples=num_samples,
+        )
+
+    def build_datasets(self, context: DatasetBuildContext):
+        tokenizer = self.load_tokenizer()
+        train_path, valid_path = self.resolve_paths()
+        train = self._dataset(train_path, tokenizer, max(context.train_samples, 1))
+        valid = self._dataset(valid_path, tokenizer, None) if valid_path and context.valid_samples > 0 else None
+        return train, valid, None

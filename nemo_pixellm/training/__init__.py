@@ -1,0 +1,1 @@
+"""Training: Hydra config -> Bridge ConfigContainer, layout validation, the forward step, progress logging."""

@@ -1,0 +1,157 @@
+"""Hydra config -> Megatron-Bridge ConfigContainer.
+
+Every section maps onto the Bridge dataclass of the same name, key for key; a key the dataclass does
+not have is an error that names the closest valid keys, before anything is built.
+"""
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+
+import torch
+from megatron.bridge.training.config import (
+    CheckpointConfig,
+    ConfigContainer,
+    DistributedDataParallelConfig,
+    DistributedInitConfig,
+    LoggerConfig,
+    OptimizerConfig,
+    RNGConfig,
+    SchedulerConfig,
+    TrainingConfig,
+    ValidationConfig,
+)
+from megatron.bridge.training.tokenizers.config import TokenizerConfig
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_pixellm.data.provider import PixelLMDataConfig
+from nemo_pixellm.models.provider import PixelLMProvider
+from nemo_pixellm.training.validate import ConfigError, validate_layout
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+STAGES = ("stage1", "stage1_5", "stage2", "stage3", "stage4")
+
+SECTIONS = {
+    "train": TrainingConfig,
+    "model": PixelLMProvider,
+    "dataset": PixelLMDataConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "checkpoint": CheckpointConfig,
+    "logger": LoggerConfig,
+    "ddp": DistributedDataParallelConfig,
+    "dist": DistributedInitConfig,
+    "rng": RNGConfig,
+    "validation": ValidationConfig,
+}
+TOP_LEVEL = set(SECTIONS) | {"stage", "seq_length", "run_dir", "mixed_precision", "variant_name", "lr_scale"}
+
+if not OmegaConf.has_resolver("mul"):
+    OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def _unknown_key_error(section: str, key: str, valid: set[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, sorted(valid), n=3)
+    hint = f" Did you mean {', '.join(f'{section}.{c}' for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key '{section}.{key}'.{hint}")
+
+
+def _section(cfg: DictConfig, name: str) -> dict:
+    values = OmegaConf.to_container(cfg[name], resolve=True) if name in cfg and cfg[name] is not None else {}
+    valid = _fields(SECTIONS[name])
+    for key in values:
+        if key not in valid:
+            raise _unknown_key_error(name, key, valid)
+    return values
+
+
+def check_stage(cfg: DictConfig) -> DictConfig:
+    if "stage" not in cfg or cfg.stage is None:
+        raise ConfigError(f"no stage selected: add +stage=<one of {', '.join(STAGES)}>")
+    name = cfg.stage.name
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage '{name}': choose one of {', '.join(STAGES)}")
+    if name == "stage4":
+        raise NotImplementedError(
+            "stage4 (preference optimisation: GRPO / DPO) is not implemented yet in nemo_pixellm; "
+            "run stages 1-3 (+stage=stage1 | stage1_5 | stage2 | stage3)"
+        )
+    return cfg.stage
+
+
+def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContainer:
+    """Validate the composed Hydra config and turn it into Bridge's ConfigContainer."""
+    for key in cfg:
+        if key not in TOP_LEVEL:
+            close = difflib.get_close_matches(str(key), sorted(TOP_LEVEL), n=3)
+            raise ConfigError(f"unknown top-level config key '{key}'." + (f" Did you mean {', '.join(close)}?" if close else ""))
+    stage = check_stage(cfg)
+    sections = {name: _section(cfg, name) for name in SECTIONS}
+
+    dataset = PixelLMDataConfig(**sections["dataset"])
+    tokenizer = dataset.load_tokenizer()
+
+    model_values = sections["model"]
+    if model_values.get("vocab_size") is None:
+        model_values["vocab_size"] = tokenizer.vocab_size
+    elif model_values["vocab_size"] < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_values['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size} tokens"
+        )
+    model_values.setdefault("make_vocab_size_divisible_by", 128)
+    model = PixelLMProvider(
+        **model_values,
+        image_token_id=tokenizer.image_id,
+        trainable_modules=list(stage.trainable) if stage.get("trainable") is not None else None,
+        vision_patch_size=dataset.patch_size,
+        projector_downsample=dataset.downsample,
+    )
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        model.use_cpu_initialization = True
+        model.gradient_accumulation_fusion = False
+        model.bias_activation_fusion = model.bias_dropout_fusion = False
+        model.masked_softmax_fusion = model.apply_rope_fusion = model.persist_layer_norm = False
+        model.cross_entropy_loss_fusion = False
+
+    dist_values = sections["dist"]
+    if dist_values.get("distributed_backend") is None:
+        dist_values["distributed_backend"] = "gloo" if cpu else "nccl"
+
+    train = TrainingConfig(**sections["train"])
+    checkpoint_values = sections["checkpoint"]
+    if stage.get("init_from"):
+        if not Path(stage.init_from).exists():
+            raise ConfigError(f"stage.init_from={stage.init_from} does not exist (give the previous stage's checkpoint.save)")
+        checkpoint_values["pretrained_checkpoint"] = str(stage.init_from)
+    if checkpoint_values.get("save") and checkpoint_values.get("save_interval") is None:
+        checkpoint_values["save_interval"] = train.train_iters
+    if checkpoint_values.get("load") and not Path(checkpoint_values["load"]).exists():
+        raise ConfigError(f"checkpoint.load={checkpoint_values['load']} does not exist")
+
+    logger_values = sections["logger"]
+    if logger_values.get("tensorboard_dir"):
+        logger_values["tensorboard_dir"] = str(Path(logger_values["tensorboard_dir"]).absolute())
+
+    container = ConfigContainer(
+        train=train,
+        model=model,
+        dataset=dataset,
+        optimizer=OptimizerConfig(**sections["optimizer"]),
+        scheduler=SchedulerConfig(**sections["scheduler"]),
+        checkpoint=CheckpointConfig(**checkpoint_values),
+        logger=LoggerConfig(**logger_values),
+        ddp=DistributedDataParallelConfig(**sections["ddp"]),
+        dist=DistributedInitConfig(**dist_values),
+        rng=RNGConfig(**sections["rng"]),
+        validation=ValidationConfig(**sections["validation"]),
+        tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=tokenizer.vocab_size),
+        mixed_precision=cfg.get("mixed_precision"),
+    )
+    validate_layout(container, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    return container

@@ -1,0 +1,37 @@
+"""Console progress: step, loss, learning rate, tokens/s and time left, every ``logger.log_interval`` steps."""
+
+import time
+
+import torch
+from megatron.bridge.training.callbacks import Callback
+
+
+def _is_last_rank() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+class ProgressCallback(Callback):
+    def __init__(self):
+        self._t0 = None
+        self._step0 = None
+
+    def on_train_start(self, context) -> None:
+        self._t0, self._step0 = time.time(), context.state.train_state.step
+
+    def on_train_step_end(self, context) -> None:
+        cfg, step = context.state.cfg, context.state.train_state.step + 1  # the loop counts it after callbacks
+        if step % cfg.logger.log_interval and step != cfg.train.train_iters:
+            return
+        if not _is_last_rank() or not context.loss_dict:
+            return
+        elapsed = time.time() - self._t0
+        done = max(step - self._step0, 1)
+        tokens_per_s = done * cfg.train.global_batch_size * cfg.dataset.seq_length / max(elapsed, 1e-9)
+        left = (cfg.train.train_iters - step) * elapsed / done
+        loss = float(context.loss_dict.get("lm loss", float("nan")))
+        lr = context.optimizer.param_groups[0]["lr"] if context.optimizer is not None else float("nan")
+        print(
+            f"[pixellm] step {step:6d}/{cfg.train.train_iters} | loss {loss:.4f} | lr {lr:.3e} | "
+            f"{tokens_per_s:,.0f} tokens/s | {left / 60:.1f} min left",
+            flush=True,
+        )

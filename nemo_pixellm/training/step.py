@@ -1,0 +1,35 @@
+"""The forward step Megatron-Bridge's training loop calls for every micro-batch."""
+
+from functools import partial
+
+import torch
+from megatron.bridge.training.losses import masked_next_token_loss
+from megatron.bridge.training.state import GlobalState
+from megatron.core.utils import get_model_config
+
+
+def next_batch(data_iterator, device: torch.device) -> dict:
+    batch = next(data_iterator)
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def forward_step(state: GlobalState, data_iterator, model, return_schedule_plan: bool = False):
+    """Tokens + images -> per-token losses; the loss function averages them over ``loss_mask``."""
+    timers = state.timers
+    timers("batch-generator", log_level=2).start()
+    device = next(model.parameters()).device
+    batch = next_batch(data_iterator, device) if data_iterator is not None else None
+    timers("batch-generator").stop()
+    output = model(
+        input_ids=batch["tokens"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch.get("attention_mask"),
+        labels=batch["labels"],
+        images=batch.get("images"),
+    )
+    rerun = state.cfg.rerun_state_machine
+    loss_fn = partial(
+        masked_next_token_loss, batch["loss_mask"],
+        check_for_nan_in_loss=rerun.check_for_nan_in_loss, check_for_spiky_loss=rerun.check_for_spiky_loss,
+    )
+    return output, loss_fn

@@ -1,0 +1,52 @@
+"""Checks that fail before any process group, model or data is built, each naming the fix."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key to change."""
+
+
+def validate_layout(cfg, world_size: int) -> None:
+    m = cfg.model
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    cp, ep = m.context_parallel_size, m.expert_model_parallel_size
+    etp = m.expert_tensor_parallel_size or tp
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp} = {model_parallel}: "
+            "change model.tensor_model_parallel_size / pipeline_model_parallel_size / context_parallel_size "
+            "or the number of processes"
+        )
+    dp = world_size // model_parallel
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"model.tensor_model_parallel_size={tp} does not divide the {m.num_attention_heads} attention heads"
+        )
+    if m.num_layers % pp:
+        raise ConfigError(f"model.pipeline_model_parallel_size={pp} does not divide the {m.num_layers} layers")
+    if pp > 1 and m.num_layers // pp < 1:
+        raise ConfigError(f"pipeline_model_parallel_size={pp} leaves a stage with no layers")
+    if m.num_moe_experts:
+        if m.num_moe_experts % ep:
+            divisors = [d for d in range(1, m.num_moe_experts + 1) if m.num_moe_experts % d == 0]
+            raise ConfigError(
+                f"model.expert_model_parallel_size={ep} does not divide the {m.num_moe_experts} experts; "
+                f"valid sizes: {divisors}"
+            )
+        if (tp * cp * dp) % (ep * etp):
+            raise ConfigError(
+                f"expert parallel layout EP*ETP = {ep}*{etp} must divide TP*CP*DP = {tp}*{cp}*{dp} "
+                f"({world_size} processes): lower model.expert_model_parallel_size or add processes"
+            )
+        if tp > 1 and not m.sequence_parallel:
+            raise ConfigError("MoE with tensor parallelism needs model.sequence_parallel=true")
+    vision_heads = m.vision_num_attention_heads
+    if vision_heads % tp:
+        raise ConfigError(f"model.tensor_model_parallel_size={tp} does not divide the {vision_heads} vision heads")
+    gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if gbs % (mbs * dp):
+        raise ConfigError(
+            f"train.global_batch_size={gbs} is not a multiple of micro_batch_size*data_parallel = {mbs}*{dp}"
+        )
+    if cfg.model.seq_length != cfg.dataset.seq_length:
+        raise ConfigError("model.seq_length and dataset.seq_length differ: set the top-level seq_length instead")
