@@ -63,6 +63,8 @@ def install() -> bool:
     _patch_torch_cuda()
     _patch_factories()
     sys.meta_path.insert(0, _MegatronOnCPU())
+    # Bridge logs a traceback at INFO for every TE symbol it probes; without TE that is expected.
+    logging.getLogger("megatron.bridge.utils.import_utils").addFilter(lambda record: record.levelno >= logging.WARNING)
     if "megatron.core.tensor_parallel.random" in sys.modules:
         _after_megatron_random(sys.modules["megatron.core.tensor_parallel.random"])
     _INSTALLED = True

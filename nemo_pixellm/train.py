@@ -21,7 +21,7 @@ def run(cfg: DictConfig) -> None:
     from nemo_pixellm.training.step import forward_step
 
     container = build_config(cfg)
-    pretrain(container, forward_step, callbacks=[ProgressCallback()])
+    pretrain(container, forward_step, callbacks=[ProgressCallback(cfg.run_dir)])
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)

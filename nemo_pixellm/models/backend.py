@@ -7,6 +7,7 @@ checkpoint moves between them.
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 
 from nemo_pixellm.models.core_attention import SDPACoreAttention
+from nemo_pixellm.models.norms import TorchNorm
 
 try:
     import transformer_engine  # noqa: F401
@@ -18,10 +19,14 @@ except ImportError:
 
 
 class TorchSpecProvider(LocalSpecProvider):
-    """Megatron's local modules, with core attention over torch SDPA (MLA needs k/v channels)."""
+    """Megatron's local modules, with core attention over torch SDPA (MLA needs k/v channels) and
+    norms that accept sequence parallelism (MoE with TP needs it)."""
 
     def core_attention(self) -> type:
         return SDPACoreAttention
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False) -> type:
+        return TorchNorm
 
 
 def spec_provider(use_te: bool | None = None) -> BackendSpecProvider:

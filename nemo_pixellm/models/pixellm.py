@@ -8,6 +8,7 @@ exactly its own images, and text-only samples simply contain no image tokens.
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
 from nemo_pixellm.models.projector import PixelProjector
@@ -41,6 +42,10 @@ class PixelLMModel(MegatronModule):
             self.projector = PixelProjector(
                 projector_config, vision_config.hidden_size, downsample, pg_collection=pg_collection
             )
+            # Whole-sequence text embeddings (images go in before the sequence-parallel scatter).
+            embedding = language_model.embedding
+            embedding.reduce_scatter_embeddings = embedding.word_embeddings.reduce_scatter_embeddings = False
+            embedding.scatter_to_sequence_parallel = False
         # Megatron's schedules and DDP look these up on the model they are given.
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
 
@@ -56,8 +61,17 @@ class PixelLMModel(MegatronModule):
         return tokens.reshape(-1, tokens.shape[-1])
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
-        """Text embeddings with image features scattered into the image-token positions: [s, b, h]."""
+        """Text embeddings with image features scattered into the image-token positions: [s, b, h].
+
+        Under sequence parallelism the embeddings are built whole, images inserted, then scattered.
+        """
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        embeddings = self._insert_images(embeddings, input_ids, images)
+        if self.config.sequence_parallel:
+            embeddings = scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def _insert_images(self, embeddings: torch.Tensor, input_ids: torch.Tensor, images) -> torch.Tensor:
         image_mask = (input_ids == self.image_token_id).transpose(0, 1)  # [s, b]
         num_image_tokens = int(image_mask.sum())
         if images is None or images.shape[0] == 0:

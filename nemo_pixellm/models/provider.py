@@ -32,6 +32,8 @@ class PixelLMProvider(MLAModelProvider):
     add_bias_linear: bool = False
     qk_layernorm: bool = True  # MLA's q / kv low-rank norms
     share_embeddings_and_output_weights: bool = False
+    hidden_dropout: float = 0.0  # DeepSeek-V3 trains without dropout
+    attention_dropout: float = 0.0
     moe_router_score_function: str = "sigmoid"
     moe_router_enable_expert_bias: bool = True
     moe_router_load_balancing_type: str = "none"  # aux-loss-free; "seq_aux_loss" adds the sequence-wise loss
@@ -100,6 +102,13 @@ class PixelLMProvider(MLAModelProvider):
             ffn_hidden_size=self.projector_ffn_hidden_size or self.hidden_size,
             activation_func=torch.nn.functional.gelu,
         )
+
+    def provide_distributed_model(self, *args, use_cpu_initialization: bool | None = None, **kwargs):
+        # Bridge resets use_cpu_initialization to this argument (False); keep the configured value, so
+        # that CPU-initialised weights are the same whatever the tensor-parallel size.
+        if not use_cpu_initialization:
+            use_cpu_initialization = self.use_cpu_initialization
+        return super().provide_distributed_model(*args, use_cpu_initialization=use_cpu_initialization, **kwargs)
 
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> PixelLMModel:
         if self.image_token_id < 0:

@@ -28,9 +28,17 @@ def decoder_block_spec(config, vp_stage: int | None = None) -> TransformerBlockS
     use_te = _uses_te(config)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
     if not use_te:
-        core_attention = spec_provider(False).core_attention()
+        backend = spec_provider(False)
+        norm = backend.layer_norm()
+        block.layer_norm = norm  # the block's final norm
         for layer in block.layer_specs:
-            layer.submodules.self_attention.submodules.core_attention = core_attention
+            sub = layer.submodules
+            sub.self_attention.submodules.core_attention = backend.core_attention()
+            sub.input_layernorm = sub.pre_mlp_layernorm = norm
+            attention = sub.self_attention.submodules
+            for slot in ("q_layernorm", "kv_layernorm", "k_layernorm"):
+                if hasattr(attention, slot) and getattr(attention, slot) is not IdentityOp:
+                    setattr(attention, slot, norm)
     return block
 
 

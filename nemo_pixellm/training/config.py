@@ -98,12 +98,13 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
 
     model_values = sections["model"]
     if model_values.get("vocab_size") is None:
-        model_values["vocab_size"] = tokenizer.vocab_size
+        # Round up once, here, so the embedding is the same at every TP size (Megatron's own padding
+        # depends on TP, which would change the model between layouts).
+        model_values["vocab_size"] = -(-tokenizer.vocab_size // 256) * 256
     elif model_values["vocab_size"] < tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size={model_values['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size} tokens"
         )
-    model_values.setdefault("make_vocab_size_divisible_by", 128)
     model = PixelLMProvider(
         **model_values,
         image_token_id=tokenizer.image_id,

@@ -1,6 +1,9 @@
-"""Console progress: step, loss, learning rate, tokens/s and time left, every ``logger.log_interval`` steps."""
+"""Console progress (step, loss, learning rate, tokens/s, time left) every ``logger.log_interval`` steps,
+and every step's loss at full precision in ``<run_dir>/metrics.jsonl`` for scripts and tests."""
 
+import json
 import time
+from pathlib import Path
 
 import torch
 from megatron.bridge.training.callbacks import Callback
@@ -11,25 +14,30 @@ def _is_last_rank() -> bool:
 
 
 class ProgressCallback(Callback):
-    def __init__(self):
+    def __init__(self, run_dir: str | None = None):
         self._t0 = None
         self._step0 = None
+        self.metrics_file = Path(run_dir) / "metrics.jsonl" if run_dir else None
 
     def on_train_start(self, context) -> None:
         self._t0, self._step0 = time.time(), context.state.train_state.step
 
     def on_train_step_end(self, context) -> None:
         cfg, step = context.state.cfg, context.state.train_state.step + 1  # the loop counts it after callbacks
-        if step % cfg.logger.log_interval and step != cfg.train.train_iters:
-            return
         if not _is_last_rank() or not context.loss_dict:
+            return
+        loss = float(context.loss_dict.get("lm loss", float("nan")))
+        lr = context.optimizer.param_groups[0]["lr"] if context.optimizer is not None else float("nan")
+        if self.metrics_file is not None:
+            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics_file.open("a") as f:
+                f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "time": time.time()}) + "\n")
+        if step % cfg.logger.log_interval and step != cfg.train.train_iters:
             return
         elapsed = time.time() - self._t0
         done = max(step - self._step0, 1)
         tokens_per_s = done * cfg.train.global_batch_size * cfg.dataset.seq_length / max(elapsed, 1e-9)
         left = (cfg.train.train_iters - step) * elapsed / done
-        loss = float(context.loss_dict.get("lm loss", float("nan")))
-        lr = context.optimizer.param_groups[0]["lr"] if context.optimizer is not None else float("nan")
         print(
             f"[pixellm] step {step:6d}/{cfg.train.train_iters} | loss {loss:.4f} | lr {lr:.3e} | "
             f"{tokens_per_s:,.0f} tokens/s | {left / 60:.1f} min left",

@@ -1,0 +1,83 @@
+"""The CPU compatibility layer: active only without CUDA, redirects CUDA requests to the CPU, keeps
+Megatron's RNG tracker on the CPU generator, and lets megatron.bridge import without Transformer Engine."""
+
+import subprocess
+import sys
+
+import torch
+
+import nemo_pixellm  # noqa: F401
+from nemo_pixellm import cpu_compat
+
+
+def test_installed_without_cuda_and_idempotent():
+    assert not torch.cuda.is_available()
+    assert cpu_compat.is_installed()
+    assert cpu_compat.install() is True
+    # Asking still gives the truthful answer: code with a CPU branch keeps taking it.
+    assert torch.cuda.device_count() == 0
+
+
+def test_cuda_requests_land_on_cpu():
+    assert torch.cuda.current_device() == torch.device("cpu")
+    assert torch.zeros(3, device="cuda").device.type == "cpu"
+    assert torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
+    x = torch.ones(2)
+    assert x.cuda() is x
+    assert x.to("cuda").device.type == "cpu"
+    assert x.to("cuda", torch.float64).dtype == torch.float64
+    assert x.type() == "torch.cuda.FloatTensor"  # what Megatron's optimizer asserts
+    assert x.type(torch.float64).dtype == torch.float64
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        pass
+
+
+def test_rng_tracker_follows_megatron_seed_rule():
+    """model_parallel_cuda_manual_seed: model-parallel state = seed + 2718 + tp_rank (Megatron's rule),
+    drawn here from the CPU generator; forking restores the default stream."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.model_parallel_cuda_manual_seed(123, tp_rank=1, ep_rank=0, etp_rank=0, force_reset_rng=True)
+    before = torch.get_rng_state()
+    with mrandom.get_cuda_rng_tracker().fork():
+        drawn = torch.rand(5)
+    expected = torch.rand(5, generator=torch.Generator().manual_seed(123 + 2718 + 1))
+    assert torch.equal(drawn, expected)
+    assert torch.equal(torch.get_rng_state(), before)
+    with mrandom.get_cuda_rng_tracker().fork():
+        again = torch.rand(5)  # the tracker advanced: a fresh draw, not a repeat
+    assert not torch.equal(again, drawn)
+
+
+def test_bridge_imports_without_transformer_engine():
+    code = (
+        "import sys, nemo_pixellm, megatron.bridge\n"
+        "from megatron.bridge.training.pretrain import pretrain\n"
+        "import megatron.core.extensions.transformer_engine as te_ext\n"
+        "assert not te_ext.HAVE_TE\n"
+        "assert 'transformer_engine' not in sys.modules\n"
+        "import megatron.bridge.training.initialize as init\n"
+        "assert init.initialize_megatron.__name__ == 'initialize_megatron_without_cuda'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_never_installed_when_cuda_is_available():
+    code = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "original = torch.cuda.current_device\n"
+        "import nemo_pixellm\n"
+        "from nemo_pixellm import cpu_compat\n"
+        "assert not cpu_compat.is_installed()\n"
+        "assert torch.cuda.current_device is original\n"
+        "assert torch.zeros.__module__ != 'nemo_pixellm.cpu_compat'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
