@@ -58,7 +58,7 @@ def test_bridge_imports_without_transformer_engine():
         "assert not te_ext.HAVE_TE\n"
         "assert 'transformer_engine' not in sys.modules\n"
         "import megatron.bridge.training.initialize as init\n"
-        "assert init.initialize_megatron.__name__ == 'initialize_megatron_without_cuda'\n"
+        "assert init.initialize_megatron.__wrapped__ is not None  # patched: allow_no_cuda=True\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -113,6 +113,9 @@ class PixelLMProvider(MLAModelProvider):
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> PixelLMModel:
         if self.image_token_id < 0:
             raise ValueError("PixelLMProvider.image_token_id is not set (it comes from the tokenizer)")
+        if self.trainable_modules is not None and "language_model" not in self.trainable_modules:
+            # The expert bias is a buffer updated outside the optimizer: a frozen LM must not move it.
+            self.moe_router_bias_update_rate = 0.0
         language_model = super().provide(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         model = PixelLMModel(
             self,

@@ -1,0 +1,89 @@
+"""End-to-end training through Megatron-Bridge on CPU: the main job learns, resume continues the exact
+trajectory, 2-process layouts equal 1 process, and stages freeze what they say and hand off weights."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from conftest import QUICK, losses, run_train
+
+pytestmark = pytest.mark.slow
+
+
+def checkpoint_tensors(save_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """All model tensors of the latest torch_dist checkpoint in save_dir (read without Megatron)."""
+    iteration = int((save_dir / "latest_checkpointed_iteration.txt").read_text())
+    out = tmp_path / f"{save_dir.name}-{iteration}.pt"
+    dcp_to_torch_save(save_dir / f"iter_{iteration:07d}", out)
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
+
+
+def test_main_job_loss_falls(cache_dir, tmp_path):
+    run_train(["+stage=stage2", "train.train_iters=40", f"run_dir={tmp_path}", *QUICK], cache_dir)
+    curve = losses(tmp_path)
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (38, 39, 40)) / 3
+    print(f"loss steps 1-3 {first:.4f} -> steps 38-40 {last:.4f}")
+    assert last < first - 1.0
+
+
+def test_resume_continues_the_same_trajectory(cache_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = ["+stage=stage2", *QUICK, "train.train_iters=20", "scheduler.lr_decay_iters=20"]
+    run_train([*common, f"run_dir={tmp_path / 'straight'}"], cache_dir)
+    # The first leg stops at step 10 of the same 20-step schedule, then a second run resumes.
+    run_train([*common, "train.train_iters=10", f"checkpoint.save={ckpt}", f"run_dir={tmp_path / 'leg1'}"], cache_dir)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
+    run_train([*common, f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", f"run_dir={tmp_path / 'leg2'}"],
+              cache_dir)
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "leg2")
+    assert sorted(resumed) == list(range(11, 21))  # resumed at step 10
+    print("step  uninterrupted  resumed")
+    for step in range(11, 21):
+        print(f"{step:4d}  {straight[step]:.7f}  {resumed[step]:.7f}")
+    for step in range(11, 21):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7)
+    assert losses(tmp_path / "leg1") == {s: straight[s] for s in range(1, 11)}
+
+
+@pytest.mark.parametrize("layout", [["model.tensor_model_parallel_size=2", "model.sequence_parallel=true"], []],
+                         ids=["tp2", "dp2"])
+def test_two_processes_equal_one(cache_dir, tmp_path, layout):
+    common = ["+stage=stage2", *QUICK, "train.train_iters=2"]
+    run_train([*common, f"run_dir={tmp_path / 'one'}"], cache_dir)
+    run_train([*common, *layout, f"run_dir={tmp_path / 'two'}"], cache_dir, nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    print(f"1 process: {one}\n2 processes {layout}: {two}")
+    assert two[1] == pytest.approx(one[1], rel=1e-6)
+    assert two[2] == pytest.approx(one[2], rel=1e-5)  # after one optimizer step on reduced gradients
+
+
+def test_stages_freeze_and_hand_off_weights(cache_dir, tmp_path):
+    """stage2 -> stage1 (projector only) -> stage1_5 (tower + projector), each from the previous checkpoint."""
+    s2, s1, s15 = tmp_path / "s2", tmp_path / "s1", tmp_path / "s15"
+    run_train(["+stage=stage2", *QUICK, "train.train_iters=2", f"checkpoint.save={s2}", f"run_dir={tmp_path}/r2"],
+              cache_dir)
+    run_train(["+stage=stage1", *QUICK, "train.train_iters=3", f"stage.init_from={s2}", f"checkpoint.save={s1}",
+               f"run_dir={tmp_path}/r1"], cache_dir)
+    run_train(["+stage=stage1_5", *QUICK, "train.train_iters=3", f"stage.init_from={s1}", f"checkpoint.save={s15}",
+               f"run_dir={tmp_path}/r15"], cache_dir)
+    # Weights only: each stage counts its own steps from 0.
+    assert (s1 / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    w2, w1, w15 = (checkpoint_tensors(d, tmp_path) for d in (s2, s1, s15))
+    assert set(w2) == set(w1) == set(w15)
+
+    def changed(a, b, prefix):
+        names = [k for k in a if k.startswith(prefix)]
+        assert names, prefix
+        return {k for k in names if not torch.equal(a[k], b[k])}, names
+
+    for stage_from, stage_to, trainable in ((w2, w1, {"projector"}), (w1, w15, {"vision_model", "projector"})):
+        for module in ("vision_model", "projector", "language_model"):
+            moved, names = changed(stage_from, stage_to, module)
+            if module in trainable:
+                assert moved, f"{module} should train"
+            else:
+                assert not moved, f"{module} is frozen but changed: {sorted(moved)[:3]}"
+    assert any("image_newline" in k for k in changed(w2, w1, "projector")[0])
