@@ -11,7 +11,7 @@ setup(
     description="PixelLM (DeepSeek-V3 MLA+MoE language model with a DeepSeek-VL2 vision system) for NeMo / Megatron",
     python_requires=">=3.12,<3.13",
     packages=find_packages(include=["nemo_pixellm", "nemo_pixellm.*"]),
-    package_data={"nemo_pixellm": ["conf/**/*.yaml", "conf/*.yaml"]},
+    # conf/ stays at the repository root (Hydra's config dir); install editable (-e), as make and the Dockerfile do.
     install_requires=[
         "torch==2.14.1",
         "megatron-core==0.19.2",

@@ -1,0 +1,1 @@
+"""Builders of webdataset shards (plus manifest.json) from raw sources."""
