@@ -41,3 +41,42 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 QUICK = ["logger.log_interval=1", "validation.eval_interval=null", "dataset.num_workers=0"]
+
+
+@pytest.fixture(scope="session")
+def megatron_single_process(tmp_path_factory):
+    """torch.distributed (gloo, 1 process) and Megatron's parallel state, for in-process model tests."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    import nemo_pixellm  # noqa: F401
+
+    if not dist.is_initialized():
+        store = tmp_path_factory.mktemp("rdzv") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+CPU_FLAGS = dict(
+    use_cpu_initialization=True, gradient_accumulation_fusion=False, bias_activation_fusion=False,
+    masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+    cross_entropy_loss_fusion=False,
+)
+
+
+def build_pixellm(pg_collection, seed: int = 7, **provider_kwargs):
+    """A PixelLMModel from PixelLMProvider on CPU with the given sizes (eval mode)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    from nemo_pixellm.cpu_compat import seed_model_parallel_rng
+    from nemo_pixellm.models.provider import PixelLMProvider
+
+    seed_model_parallel_rng(seed, pg_collection)
+    provider = PixelLMProvider(**CPU_FLAGS, **provider_kwargs)
+    provider._pg_collection = pg_collection
+    provider.finalize()
+    clear_aux_losses_tracker()
+    return provider.provide().eval()

@@ -1,8 +1,6 @@
 """PixelLM model behaviour on one process: images reach exactly their own sample, token counts follow
 DeepSeek-VL2's layout, and the projector's pixel-unshuffle is a rearrangement of torch's."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,36 +9,19 @@ import nemo_pixellm  # noqa: F401
 from nemo_pixellm.data.dataset import image_grid_tokens
 from nemo_pixellm.models.projector import pixel_unshuffle
 
+from conftest import build_pixellm
+
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from nemo_pixellm.cpu_compat import seed_model_parallel_rng
-    from nemo_pixellm.models.provider import PixelLMProvider
-
-    if not dist.is_initialized():
-        store = tmp_path_factory.mktemp("rdzv") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    seed_model_parallel_rng(7, pg)
-    provider = PixelLMProvider(
+def tiny_model(megatron_single_process):
+    return build_pixellm(
+        megatron_single_process,
         num_layers=2, moe_layer_freq=[0, 1], hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
         q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=16, v_head_dim=16,
         num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=64,
         vocab_size=256, seq_length=96, vision_hidden_size=32, vision_num_layers=2, vision_num_attention_heads=2,
-        vision_ffn_hidden_size=64, vision_image_size=224, image_token_id=5, use_cpu_initialization=True,
-        gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False, cross_entropy_loss_fusion=False,
+        vision_ffn_hidden_size=64, vision_image_size=224, image_token_id=5,
     )
-    provider._pg_collection = pg
-    provider.finalize()
-    model = provider.provide().eval()
-    yield model
-    parallel_state.destroy_model_parallel()
 
 
 def _batch(num_samples: int, image_at: list[int], tokens_per_image: int = 72, seq: int = 96):

@@ -25,6 +25,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class PixelLMProvider(MLAModelProvider):
     # DeepSeek-V3 language-model defaults (variants set sizes; see conf/variant/).
+    multi_latent_attention: bool = True  # GPTModelProvider's False would otherwise win in the field order
     position_embedding_type: str = "rope"
     normalization: str = "RMSNorm"
     gated_linear_unit: bool = True

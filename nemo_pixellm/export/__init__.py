@@ -1,0 +1,1 @@
+"""Conversion between PixelLM checkpoints and Hugging Face formats."""
