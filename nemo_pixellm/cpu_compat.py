@@ -9,6 +9,7 @@ patching each call site, this module redirects the CUDA *device* to the CPU at t
   still takes its CPU branch.
 - Tensor factories called with ``device="cuda"`` and ``Tensor.cuda()`` / ``.to("cuda")`` stay on CPU, and
   ``Tensor.type()`` names CPU tensors as CUDA ones (Megatron asserts ``"torch.cuda.FloatTensor"``).
+- ``all_to_all_single`` takes the split sizes Megatron's alltoall dispatcher keeps in tensors (EP>1).
 - Megatron's RNG tracker keeps its states on the CPU generator, and is seeded after Bridge's
   initialisation (Bridge skips ``model_parallel_cuda_manual_seed`` when no GPU is counted).
 - Bridge: ``allow_no_cuda=True``; no ``compile_helpers()`` (the wheel has no Makefile, the prebuilt
@@ -62,6 +63,7 @@ def install() -> bool:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron's jit fuser is torch.compile: 15-25 s cold per process
     _patch_torch_cuda()
     _patch_factories()
+    _patch_all_to_all()
     sys.meta_path.insert(0, _MegatronOnCPU())
     # Bridge logs a traceback at INFO for every TE symbol it probes; without TE that is expected.
     logging.getLogger("megatron.bridge.utils.import_utils").addFilter(lambda record: record.levelno >= logging.WARNING)
@@ -168,6 +170,23 @@ def _patch_factories() -> None:
     torch.Tensor.type = type_name
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+
+
+def _patch_all_to_all() -> None:
+    """Megatron's alltoall token dispatcher passes split sizes as tensors; gloo's binding takes lists."""
+    import torch.distributed as dist
+
+    all_to_all_single = dist.all_to_all_single
+
+    @functools.wraps(all_to_all_single)
+    def with_list_splits(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return all_to_all_single(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    dist.all_to_all_single = with_list_splits
 
 
 # ------------------------------------------------------------------------------------------ megatron

@@ -81,6 +81,7 @@ class PixelLMProvider(MLAModelProvider):
             num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
             pipeline_model_parallel_layout=None, account_for_embedding_in_pipeline_split=False,
             account_for_loss_in_pipeline_split=False, sequence_parallel=False,
+            expert_model_parallel_size=1, expert_tensor_parallel_size=None,
             gated_linear_unit=False, activation_func=gelu_tanh, bias_activation_fusion=False,
             add_bias_linear=True, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
             recompute_granularity=None, recompute_method=None, recompute_num_layers=None, kv_channels=None, num_query_groups=None,
@@ -114,9 +115,6 @@ class PixelLMProvider(MLAModelProvider):
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> PixelLMModel:
         if self.image_token_id < 0:
             raise ValueError("PixelLMProvider.image_token_id is not set (it comes from the tokenizer)")
-        if self.trainable_modules is not None and "language_model" not in self.trainable_modules:
-            # The expert bias is a buffer updated outside the optimizer: a frozen LM must not move it.
-            self.moe_router_bias_update_rate = 0.0
         language_model = super().provide(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         model = PixelLMModel(
             self,
@@ -146,3 +144,7 @@ def apply_trainable(model: torch.nn.Module, trainable_modules: list[str] | None)
         module = getattr(model, name, None)
         if module is not None:
             module.requires_grad_(name in trainable_modules)
+            # The router's expert bias is a buffer updated outside the optimizer: freeze it with its module.
+            for sub in module.modules():
+                if hasattr(sub, "expert_bias"):
+                    sub.frozen_expert_bias = name not in trainable_modules

@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from nemo_pixellm.models.backend import HAVE_TE, spec_provider
+from nemo_pixellm.models.mla import use_local_mla_modules
 
 
 def _uses_te(config) -> bool:
@@ -36,6 +37,8 @@ def decoder_block_spec(config, vp_stage: int | None = None) -> TransformerBlockS
             sub.self_attention.submodules.core_attention = backend.core_attention()
             sub.input_layernorm = sub.pre_mlp_layernorm = norm
             attention = sub.self_attention.submodules
+            if hasattr(attention, "linear_kv_down_proj"):
+                use_local_mla_modules(attention)
             for slot in ("q_layernorm", "kv_layernorm", "k_layernorm"):
                 if hasattr(attention, slot) and getattr(attention, slot) is not IdentityOp:
                     setattr(attention, slot, norm)

@@ -38,8 +38,11 @@ def validate_layout(cfg, world_size: int) -> None:
                 f"expert parallel layout EP*ETP = {ep}*{etp} must divide TP*CP*DP = {tp}*{cp}*{dp} "
                 f"({world_size} processes): lower model.expert_model_parallel_size or add processes"
             )
-        if tp > 1 and not m.sequence_parallel:
-            raise ConfigError("MoE with tensor parallelism needs model.sequence_parallel=true")
+    if tp > 1 and not m.sequence_parallel:
+        raise ConfigError(
+            "tensor parallelism needs model.sequence_parallel=true (MoE requires it, and MLA's shared rope key "
+            "gets its gradient summed across TP ranks through it)"
+        )
     vision_heads = m.vision_num_attention_heads
     if vision_heads % tp:
         raise ConfigError(f"model.tensor_model_parallel_size={tp} does not divide the {vision_heads} vision heads")
