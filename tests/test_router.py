@@ -1,0 +1,71 @@
+"""DeepSeek-V3 routing on the plugin's MoE layers, against reference.md section 2: sigmoid scores,
+selection by score + expert bias, weights = the unbiased scores of the chosen experts normalised to 1
+(times the route scale), and the aux-loss-free update bias_i += gamma * sign(mean_load - load_i)."""
+
+import pytest
+import torch
+
+from conftest import build_pixellm
+
+EXPERTS, TOP_K, HIDDEN, GAMMA = 8, 2, 64, 1e-3
+
+
+@pytest.fixture(scope="module")
+def router(megatron_single_process):
+    model = build_pixellm(
+        megatron_single_process, seed=11,
+        num_layers=2, moe_layer_freq=[0, 1], hidden_size=HIDDEN, ffn_hidden_size=128, num_attention_heads=4,
+        q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=16, v_head_dim=16,
+        num_moe_experts=EXPERTS, moe_router_topk=TOP_K, moe_ffn_hidden_size=32,
+        moe_shared_expert_intermediate_size=64, moe_router_bias_update_rate=GAMMA, vocab_size=256, seq_length=32,
+        vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
+        vision_image_size=224, image_token_id=5,
+    )
+    return model, model.language_model.decoder.layers[1].mlp.router
+
+
+def reference_routing(x, weight, bias, k=TOP_K, scale=1.0):
+    scores = torch.sigmoid(x @ weight.T)
+    chosen = torch.topk(scores + bias, k, dim=-1).indices
+    picked = scores.gather(1, chosen)
+    weights = torch.zeros_like(scores).scatter(1, chosen, picked / picked.sum(-1, keepdim=True) * scale)
+    return chosen, weights
+
+
+def test_bias_changes_selection_never_the_weights(router):
+    _, r = router
+    x = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(0))
+    bias = torch.linspace(-0.3, 0.3, EXPERTS)
+    with torch.no_grad():
+        r.expert_bias.zero_()
+        probs_unbiased, map_unbiased = r(x.view(64, 1, HIDDEN))
+        r.expert_bias.copy_(bias)
+        probs, routing_map = r(x.view(64, 1, HIDDEN))
+        r.expert_bias.zero_()
+    chosen, weights = reference_routing(x, r.weight.detach(), bias)
+    expected_map = torch.zeros(64, EXPERTS, dtype=torch.bool).scatter(1, chosen, True)
+    assert torch.equal(routing_map, expected_map)
+    torch.testing.assert_close(probs, weights, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(routing_map, map_unbiased)  # the bias moved tokens to other experts
+    # Where a token keeps its experts, its gate weights are exactly the unbiased ones.
+    same = (routing_map == map_unbiased).all(dim=1)
+    assert same.any()
+    torch.testing.assert_close(probs[same], probs_unbiased[same], rtol=0, atol=0)
+
+
+def test_bias_update_follows_the_sign_rule(router):
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    model, r = router
+    model.train()
+    r.expert_bias.copy_(torch.linspace(-0.01, 0.01, EXPERTS))
+    r.local_tokens_per_expert.zero_()
+    before = r.expert_bias.clone()
+    x = torch.randn(96, 1, HIDDEN, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    _, routing_map = r(x)  # training forward: counts tokens per expert
+    load = routing_map.sum(dim=0).float()
+    _update_router_expert_bias([model], model.config)
+    model.eval()
+    expected = before + GAMMA * torch.sign(load.mean() - load)
+    torch.testing.assert_close(r.expert_bias, expected, rtol=0, atol=1e-9)
+    assert (r.expert_bias != before).any()
