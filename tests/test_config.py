@@ -36,6 +36,7 @@ def test_real_variants_match_reference(variant):
     assert (m.vocab_size, m.num_moe_experts, m.moe_router_topk) == (102400, 288, 8)
     assert (m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim) == (64, 64, 128)
     assert m.moe_layer_freq == 1
+    assert list(m.mrope_section) == [8, 12, 12]  # reference.md: the 32 rope pairs split t / h / w
 
 
 def test_stage_trainable_sets_and_lrs():
@@ -68,6 +69,7 @@ def test_tiny_default_builds_a_bridge_container():
         (["model.tensor_model_parallel_size=2"], 2, "needs model.sequence_parallel=true"),
         (["train.global_batch_size=6"], 4, "not a multiple of micro_batch_size*data_parallel"),
         (["stage.init_from=/nonexistent/ckpt"], 1, "stage.init_from=/nonexistent/ckpt does not exist"),
+        (["model.mrope_section=[2,2,2]"], 1, "must sum to qk_pos_emb_head_dim/2 = 8"),
     ],
 )
 def test_config_errors_name_the_fix(overrides, world_size, message):

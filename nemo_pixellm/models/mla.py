@@ -1,7 +1,13 @@
-"""Multi-head Latent Attention (DeepSeek-V3) on Megatron-Core: the local-backend pieces.
+"""Multi-head Latent Attention (DeepSeek-V3) on Megatron-Core, with explicit and multimodal positions.
 
 Megatron's MLASelfAttention does the attention math (q/kv low-rank paths with their norms, rope on the
-decoupled slice, YaRN); its spec slots are filled here for the pure-PyTorch backend:
+decoupled slice, YaRN). It always uses positions 0..s-1 and refuses M-RoPE; ``PixelMLASelfAttention``
+gives its rope slice per-token position ids instead: [b, s] (1D) or [3, b, s] (Qwen2-VL M-RoPE:
+temporal / height / width ids, each driving one section of the frequency pairs, ``config.mrope_section``).
+The frequencies themselves still come from Megatron's rotary module (RoPE or YaRN, with its mscale), so
+text-only ids (t = h = w = index) reduce exactly to 1D RoPE.
+
+For the pure-PyTorch backend its spec slots are filled as follows:
 
 - The down projections (hidden -> q_lora, hidden -> kv_lora + rope) are *replicated* across tensor-parallel
   ranks, as in TE's spec ("duplicated" TELinear). Megatron's local spec makes them column-parallel, and
@@ -10,6 +16,8 @@ decoupled slice, YaRN); its spec slots are filled here for the pure-PyTorch back
   summed across TP ranks by finalize_model_grads (the ``sequence_parallel`` attribute), and the shared rope
   key's gradient by the sequence-parallel gather's reduce-scatter. Hence TP>1 requires sequence_parallel.
 """
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -58,3 +66,59 @@ def use_local_mla_modules(attention_submodules) -> None:
     """Fill an MLASelfAttentionSubmodules for the local backend (replicated down projections)."""
     attention_submodules.linear_q_down_proj = mcore_mla.Linear
     attention_submodules.linear_kv_down_proj = mcore_mla.Linear
+
+
+def mrope_axis_per_column(sections: list[int], rope_dim: int) -> torch.Tensor:
+    """Which position axis (0 t, 1 h, 2 w) drives each column of Megatron's rope embedding
+    (cat(freqs, freqs): column c rotates frequency pair c mod rope_dim/2)."""
+    half = rope_dim // 2
+    if sum(sections) != half:
+        raise ValueError(f"mrope_section {sections} must sum to the rope half-dimension {half}")
+    axis = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
+    return torch.cat([axis, axis])
+
+
+class PositionalRotary(torch.nn.Module):
+    """Megatron's rotary module, evaluated at explicit position ids when they are set."""
+
+    def __init__(self, base: torch.nn.Module, mrope_section: list[int] | None):
+        super().__init__()
+        self.base = base
+        self.mrope_section = list(mrope_section) if mrope_section else None
+        self.position_ids = None  # set by PixelMLASelfAttention for the duration of one forward
+
+    def get_rotary_seq_len(self, *args, **kwargs):
+        return self.base.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, seq_len: int, *args, **kwargs):
+        if self.position_ids is None:
+            return self.base(seq_len, *args, **kwargs)
+        positions = self.position_ids
+        if positions.dim() == 2:
+            positions = positions.unsqueeze(0)  # [1, b, s]
+        out = self.base(int(positions.max()) + 1, *args, **kwargs)  # one row per position value
+        table, mscale = out if isinstance(out, tuple) else (out, None)
+        emb = table[:, 0, 0, :][positions]  # [axes, b, s, dim]
+        if positions.shape[0] == 3:
+            if self.mrope_section is None:
+                raise ValueError("position ids are [3, b, s] (M-RoPE) but model.mrope_section is not set")
+            axis = mrope_axis_per_column(self.mrope_section, emb.shape[-1]).to(emb.device)
+            emb = emb.gather(0, axis.view(1, 1, 1, -1).expand(1, *emb.shape[1:]))
+        emb = emb[0].transpose(0, 1).unsqueeze(2).contiguous()  # [s, b, 1, dim]
+        return (emb, mscale) if mscale is not None else emb
+
+
+class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
+    """MLA whose decoupled rope slice uses the position ids given to the model (see module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rotary_pos_emb = PositionalRotary(self.rotary_pos_emb, self.config.mrope_section)
+
+    @contextlib.contextmanager
+    def positions(self, position_ids: torch.Tensor | None):
+        self.rotary_pos_emb.position_ids = position_ids
+        try:
+            yield
+        finally:
+            self.rotary_pos_emb.position_ids = None

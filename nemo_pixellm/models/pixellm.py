@@ -6,11 +6,14 @@ the positions where ``input_ids == image_token_id``, row-major over (sample, pos
 exactly its own images, and text-only samples simply contain no image tokens.
 """
 
+import contextlib
+
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
+from nemo_pixellm.models.mla import PixelMLASelfAttention
 from nemo_pixellm.models.projector import PixelProjector
 from nemo_pixellm.models.vision import VisionTower
 
@@ -99,13 +102,20 @@ class PixelLMModel(MegatronModule):
         packed_seq_params=None,
         **kwargs,
     ) -> torch.Tensor:
+        """``position_ids``: [b, s] (1D) or [3, b, s] (M-RoPE t/h/w ids); None = 0..s-1."""
         decoder_input = self.embed(input_ids, images) if self.pre_process else None
-        return self.language_model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            decoder_input=decoder_input,
-            labels=labels,
-            packed_seq_params=packed_seq_params,
-            **kwargs,
-        )
+        with contextlib.ExitStack() as stack:
+            for attention in self._mla_layers():
+                stack.enter_context(attention.positions(position_ids))
+            return self.language_model(
+                input_ids=input_ids,
+                position_ids=position_ids if position_ids is None or position_ids.dim() == 2 else position_ids[0],
+                attention_mask=attention_mask,
+                decoder_input=decoder_input,
+                labels=labels,
+                packed_seq_params=packed_seq_params,
+                **kwargs,
+            )
+
+    def _mla_layers(self) -> list[PixelMLASelfAttention]:
+        return [m for m in self.language_model.modules() if isinstance(m, PixelMLASelfAttention)]

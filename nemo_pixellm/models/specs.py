@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from nemo_pixellm.models.backend import HAVE_TE, spec_provider
-from nemo_pixellm.models.mla import use_local_mla_modules
+from nemo_pixellm.models.mla import PixelMLASelfAttention, use_local_mla_modules
 
 
 def _uses_te(config) -> bool:
@@ -28,6 +28,9 @@ def decoder_block_spec(config, vp_stage: int | None = None) -> TransformerBlockS
     """The language decoder: Megatron's GPT block spec (MLA + MoE) on the chosen backend."""
     use_te = _uses_te(config)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
+    for layer in block.layer_specs:
+        if getattr(config, "multi_latent_attention", False):
+            layer.submodules.self_attention.module = PixelMLASelfAttention  # explicit / M-RoPE positions
     if not use_te:
         backend = spec_provider(False)
         norm = backend.layer_norm()

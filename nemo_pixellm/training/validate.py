@@ -51,5 +51,9 @@ def validate_layout(cfg, world_size: int) -> None:
         raise ConfigError(
             f"train.global_batch_size={gbs} is not a multiple of micro_batch_size*data_parallel = {mbs}*{dp}"
         )
+    if m.mrope_section and sum(m.mrope_section) != m.qk_pos_emb_head_dim // 2:
+        raise ConfigError(
+            f"model.mrope_section {list(m.mrope_section)} must sum to qk_pos_emb_head_dim/2 = {m.qk_pos_emb_head_dim // 2}"
+        )
     if cfg.model.seq_length != cfg.dataset.seq_length:
         raise ConfigError("model.seq_length and dataset.seq_length differ: set the top-level seq_length instead")
