@@ -50,34 +50,36 @@ def test_rng_tracker_follows_megatron_seed_rule():
     assert not torch.equal(again, drawn)
 
 
-def test_bridge_imports_without_transformer_engine():
-    code = (
-        "import sys, nemo_pixellm, megatron.bridge\n"
-        "from megatron.bridge.training.pretrain import pretrain\n"
-        "import megatron.core.extensions.transformer_engine as te_ext\n"
-        "assert not te_ext.HAVE_TE\n"
-        "assert 'transformer_engine' not in sys.modules\n"
-        "import megatron.bridge.training.initialize as init\n"
-        "assert init.initialize_megatron.__wrapped__ is not None  # patched: allow_no_cuda=True\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def run_fresh_python(lines: list[str], timeout: int = 300) -> None:
+    """Run statements in a new interpreter (a clean import state); they end by printing 'ok'."""
+    out = subprocess.run([sys.executable, "-c", "\n".join([*lines, "print('ok')"])], capture_output=True,
+                         text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
 
 
+def test_bridge_imports_without_transformer_engine():
+    run_fresh_python([
+        "import sys, nemo_pixellm, megatron.bridge",
+        "from megatron.bridge.training.pretrain import pretrain",
+        "import megatron.core.extensions.transformer_engine as te_ext",
+        "assert not te_ext.HAVE_TE",
+        "assert 'transformer_engine' not in sys.modules",
+        "import megatron.bridge.training.initialize as init",
+        "assert init.initialize_megatron.__wrapped__ is not None  # patched: allow_no_cuda=True",
+    ])
+
+
 def test_never_installed_when_cuda_is_available():
-    code = (
-        "import torch\n"
-        "torch.cuda.is_available = lambda: True\n"
-        "original = torch.cuda.current_device\n"
-        "import nemo_pixellm\n"
-        "from nemo_pixellm import cpu_compat\n"
-        "assert not cpu_compat.is_installed()\n"
-        "assert torch.cuda.current_device is original\n"
-        "assert torch.zeros.__module__ != 'nemo_pixellm.cpu_compat'\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "ok"
+    run_fresh_python([
+        "import torch",
+        "torch.cuda.is_available = lambda: True",
+        "original = torch.cuda.current_device",
+        "import nemo_pixellm",
+        "from nemo_pixellm import cpu_compat",
+        "assert not cpu_compat.is_installed()",
+        "assert torch.cuda.current_device is original",
+        "assert not hasattr(torch.zeros, '__wrapped__')  # factories untouched",
+        "import megatron.core.tensor_parallel.random as r",
+        "assert r._get_cuda_rng_state.__module__ == 'megatron.core.tensor_parallel.random'",
+    ], timeout=120)
