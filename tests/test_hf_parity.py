@@ -38,7 +38,7 @@ def hf_model(yarn: dict | None) -> DeepseekV3ForCausalLM:
     return model
 
 
-def pixellm_lm(pg, yarn: dict | None):
+def pixellm_lm(pg, yarn: dict | None, seq_length: int = 256):
     s = SIZES
     extra = {}
     if yarn:
@@ -54,7 +54,7 @@ def pixellm_lm(pg, yarn: dict | None):
         kv_lora_rank=s["kv_lora"], qk_head_dim=s["nope"], qk_pos_emb_head_dim=s["rope"], v_head_dim=s["v"],
         num_moe_experts=s["experts"], moe_router_topk=s["k"], moe_ffn_hidden_size=s["expert_ffn"],
         moe_shared_expert_intermediate_size=s["shared"] * s["expert_ffn"], moe_router_topk_scaling_factor=1.0,
-        vocab_size=s["vocab"], seq_length=256, layernorm_epsilon=1e-6, rotary_base=10000,
+        vocab_size=s["vocab"], seq_length=seq_length, layernorm_epsilon=1e-6, rotary_base=10000,
         vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
         vision_image_size=224, image_token_id=s["vocab"] - 1, **extra,
     )
@@ -93,3 +93,16 @@ def test_logits_match_hf_deepseek_v3(megatron_single_process, yarn, tmp_path):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     reloaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
     assert all(torch.equal(t, reloaded[k]) for k, t in exported.state_dict().items())
+
+
+def test_yarn_only_beyond_the_original_context(megatron_single_process, tmp_path):
+    """A YaRN-configured model built for at most its original context is plain RoPE (DeepSeek-V3's rule)."""
+    hf = hf_model(None)  # plain RoPE reference
+    hf.save_pretrained(tmp_path)
+    lm = pixellm_lm(megatron_single_process, YARN, seq_length=64)  # = original_max_position_embeddings
+    lm.load_state_dict(hf_to_megatron(read_hf_checkpoint(tmp_path), lm.state_dict().keys()), strict=False)
+    ids = torch.randint(0, SIZES["vocab"] - 1, (1, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = lm(input_ids=ids, position_ids=torch.arange(48)[None], attention_mask=None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

@@ -10,17 +10,21 @@ from conftest import build_pixellm
 EXPERTS, TOP_K, HIDDEN, GAMMA = 8, 2, 64, 1e-3
 
 
-@pytest.fixture(scope="module")
-def router(megatron_single_process):
-    model = build_pixellm(
-        megatron_single_process, seed=11,
+def build_router_model(pg, **routing):
+    return build_pixellm(
+        pg, seed=11,
         num_layers=2, moe_layer_freq=[0, 1], hidden_size=HIDDEN, ffn_hidden_size=128, num_attention_heads=4,
         q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=16, v_head_dim=16,
         num_moe_experts=EXPERTS, moe_router_topk=TOP_K, moe_ffn_hidden_size=32,
         moe_shared_expert_intermediate_size=64, moe_router_bias_update_rate=GAMMA, vocab_size=256, seq_length=32,
         vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
-        vision_image_size=224, image_token_id=5,
+        vision_image_size=224, image_token_id=5, **routing,
     )
+
+
+@pytest.fixture(scope="module")
+def router(megatron_single_process):
+    model = build_router_model(megatron_single_process)
     return model, model.language_model.decoder.layers[1].mlp.router
 
 
@@ -69,3 +73,26 @@ def test_bias_update_follows_the_sign_rule(router):
     expected = before + GAMMA * torch.sign(load.mean() - load)
     torch.testing.assert_close(r.expert_bias, expected, rtol=0, atol=1e-9)
     assert (r.expert_bias != before).any()
+
+
+def test_group_limited_routing(megatron_single_process):
+    """Experts in 4 groups of 2; each token keeps the group with the largest sum of its top-2 biased scores
+    (reference.md section 2) and takes its top-2 experts there; weights stay the unbiased scores."""
+    model = build_router_model(megatron_single_process, moe_router_num_groups=4, moe_router_group_topk=1)
+    r = model.language_model.decoder.layers[1].mlp.router
+    x = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(2))
+    bias = torch.linspace(-0.2, 0.2, EXPERTS)
+    with torch.no_grad():
+        r.expert_bias.copy_(bias)
+        probs, routing_map = r(x.view(64, 1, HIDDEN))
+    scores = torch.sigmoid(x @ r.weight.detach().T)
+    biased = (scores + bias).view(64, 4, 2)
+    group = biased.topk(2, dim=-1).values.sum(-1).argmax(dim=-1)  # [tokens]
+    in_group = torch.zeros(64, 4, 2, dtype=torch.bool)
+    in_group[torch.arange(64), group] = True
+    chosen = (scores + bias).masked_fill(~in_group.view(64, EXPERTS), float("-inf")).topk(TOP_K, dim=-1).indices
+    expected_map = torch.zeros(64, EXPERTS, dtype=torch.bool).scatter(1, chosen, True)
+    assert torch.equal(routing_map, expected_map)
+    picked = scores.gather(1, chosen)
+    expected = torch.zeros_like(scores).scatter(1, chosen, picked / picked.sum(-1, keepdim=True))
+    torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-7)

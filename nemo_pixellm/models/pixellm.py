@@ -51,6 +51,8 @@ class PixelLMModel(MegatronModule):
             embedding.scatter_to_sequence_parallel = False
         # Megatron's schedules and DDP look these up on the model they are given.
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
+        # The attention layers that take explicit / M-RoPE positions (a plain list: not re-registered).
+        self._mla_layers = [m for m in language_model.modules() if isinstance(m, PixelMLASelfAttention)]
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -105,7 +107,7 @@ class PixelLMModel(MegatronModule):
         """``position_ids``: [b, s] (1D) or [3, b, s] (M-RoPE t/h/w ids); None = 0..s-1."""
         decoder_input = self.embed(input_ids, images) if self.pre_process else None
         with contextlib.ExitStack() as stack:
-            for attention in self._mla_layers():
+            for attention in self._mla_layers:
                 stack.enter_context(attention.positions(position_ids))
             return self.language_model(
                 input_ids=input_ids,
@@ -116,6 +118,3 @@ class PixelLMModel(MegatronModule):
                 packed_seq_params=packed_seq_params,
                 **kwargs,
             )
-
-    def _mla_layers(self) -> list[PixelMLASelfAttention]:
-        return [m for m in self.language_model.modules() if isinstance(m, PixelMLASelfAttention)]

@@ -112,7 +112,15 @@ class PixelLMProvider(MLAModelProvider):
             use_cpu_initialization = self.use_cpu_initialization
         return super().provide_distributed_model(*args, use_cpu_initialization=use_cpu_initialization, **kwargs)
 
+    def yarn_active(self) -> bool:
+        """DeepSeek-V3's rule (reference.md section 2): YaRN only when the model is built for positions
+        beyond the original context; within it, plain RoPE."""
+        return self.rope_type == "yarn" and self.seq_length > self.original_max_position_embeddings
+
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> PixelLMModel:
+        if self.rope_type == "yarn" and not self.yarn_active():
+            self.rope_type = "rope"
+            self.mscale_all_dim = 0.0  # Megatron's MLA scales softmax by YaRN's mscale whatever the rope type
         if self.image_token_id < 0:
             raise ValueError("PixelLMProvider.image_token_id is not set (it comes from the tokenizer)")
         language_model = super().provide(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)

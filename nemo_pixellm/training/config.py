@@ -125,6 +125,10 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
         dist_values["distributed_backend"] = "gloo" if cpu else "nccl"
 
     train = TrainingConfig(**sections["train"])
+    decay = sections["scheduler"].get("lr_decay_iters")
+    if decay is not None and train.train_iters > decay:
+        print(f"note: the learning rate reaches optimizer.min_lr at step {decay} (scheduler.lr_decay_iters) and "
+              f"stays there until train.train_iters={train.train_iters}", flush=True)
     checkpoint_values = sections["checkpoint"]
     if stage.get("init_from"):
         if not Path(stage.init_from).exists():
