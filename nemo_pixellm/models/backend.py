@@ -1,7 +1,7 @@
 """Backend selection: Transformer Engine modules when TE is importable, pure PyTorch otherwise.
 
-Both backends fill the same ModuleSpec slots with modules whose parameters have the same names, so a
-checkpoint moves between them.
+Both backends fill the same ModuleSpec slots. TE fuses the norm that precedes a linear into it (its weight
+is then ``<linear>.layer_norm_weight``); the Hugging Face name map in ``export/`` accepts both spellings.
 """
 
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
@@ -29,8 +29,13 @@ class TorchSpecProvider(LocalSpecProvider):
         return TorchNorm
 
 
+def resolve_use_te(use_te: bool | None) -> bool:
+    """None means: Transformer Engine if it is installed."""
+    return HAVE_TE if use_te is None else use_te
+
+
 def spec_provider(use_te: bool | None = None) -> BackendSpecProvider:
-    use_te = HAVE_TE if use_te is None else use_te
+    use_te = resolve_use_te(use_te)
     if use_te and not HAVE_TE:
         raise RuntimeError("transformer_engine is not installed: install the [gpu] extra or set model.use_te=false")
     return TESpecProvider() if use_te else TorchSpecProvider()

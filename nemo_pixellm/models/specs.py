@@ -15,18 +15,13 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from nemo_pixellm.models.backend import HAVE_TE, spec_provider
+from nemo_pixellm.models.backend import resolve_use_te, spec_provider
 from nemo_pixellm.models.mla import PixelMLASelfAttention, use_local_mla_modules
-
-
-def _uses_te(config) -> bool:
-    use_te = getattr(config, "use_te", None)
-    return HAVE_TE if use_te is None else use_te
 
 
 def decoder_block_spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """The language decoder: Megatron's GPT block spec (MLA + MoE) on the chosen backend."""
-    use_te = _uses_te(config)
+    use_te = resolve_use_te(getattr(config, "use_te", None))
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
     for layer in block.layer_specs:
         if getattr(config, "multi_latent_attention", False):
