@@ -238,7 +238,6 @@ class _MegatronOnCPU(importlib.abc.MetaPathFinder):
     ``import nemo_pixellm`` stays cheap and nothing is imported that the user does not use).
 
     - ``megatron.core.tensor_parallel.random``: the RNG tracker's states live on the CPU generator.
-
     - ``megatron.bridge.peft.lora_layers`` imports Transformer Engine unguarded: it sees a placeholder
       ``transformer_engine`` only while its own body runs, so every other HAVE_TE probe stays False.
     - ``megatron.bridge.training.initialize`` / ``setup``: patched right after they load.
@@ -263,7 +262,10 @@ class _MegatronOnCPU(importlib.abc.MetaPathFinder):
         finally:
             sys.meta_path.insert(0, self)
         exec_module = spec.loader.exec_module
-        after = {self._LORA: None, self._RANDOM: _after_megatron_random, self._INIT: _after_bridge_initialize, self._SETUP: _after_bridge_setup}[name]
+        after = {
+            self._LORA: None, self._RANDOM: _after_megatron_random,
+            self._INIT: _after_bridge_initialize, self._SETUP: _after_bridge_setup,
+        }[name]
 
         def exec_patched(module):
             if name == self._LORA:

@@ -60,12 +60,6 @@ def megatron_single_process(tmp_path_factory):
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
-CPU_FLAGS = dict(
-    use_cpu_initialization=True, gradient_accumulation_fusion=False, bias_activation_fusion=False,
-    masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-    cross_entropy_loss_fusion=False,
-)
-
 
 def build_pixellm(pg_collection, seed: int = 7, **provider_kwargs):
     """A PixelLMModel from PixelLMProvider on CPU with the given sizes (eval mode)."""
@@ -75,7 +69,8 @@ def build_pixellm(pg_collection, seed: int = 7, **provider_kwargs):
     from nemo_pixellm.models.provider import PixelLMProvider
 
     seed_model_parallel_rng(seed, pg_collection)
-    provider = PixelLMProvider(**CPU_FLAGS, **provider_kwargs)
+    provider = PixelLMProvider(**provider_kwargs)
+    provider.disable_cuda_fusions()
     provider._pg_collection = pg_collection
     provider.finalize()
     clear_aux_losses_tracker()

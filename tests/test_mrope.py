@@ -2,6 +2,8 @@
 ids reduce exactly to 1D RoPE, explicit positions are honoured (HF DeepseekV3 parity at shifted ids), and
 image-like ids change the model's output."""
 
+import contextlib
+
 import pytest
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
@@ -84,13 +86,10 @@ def test_explicit_positions_match_hf(megatron_single_process, tmp_path):
     assert len(attentions) == SIZES["layers"]
     with torch.no_grad():
         expected = hf(input_ids=ids, position_ids=positions).logits
-        for attention in attentions:
-            attention.rotary_pos_emb.position_ids = positions
-        try:
-            got = lm(input_ids=ids, position_ids=positions, attention_mask=None)
-        finally:
+        with contextlib.ExitStack() as stack:
             for attention in attentions:
-                attention.rotary_pos_emb.position_ids = None
+                stack.enter_context(attention.positions(positions))
+            got = lm(input_ids=ids, position_ids=positions, attention_mask=None)
         unshifted = lm(input_ids=ids, position_ids=None, attention_mask=None)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert (unshifted - expected).abs().max() > 1e-4  # the gap matters, so the ids were used

@@ -27,33 +27,42 @@ def synthetic_dir(cache_dir, split: str, num_samples: int, seed: int, image_size
     return Path(cache_dir) / "synthetic" / f"{split}-{num_samples}-{key}"
 
 
+def build_once(path: Path, done: Path, build) -> None:
+    """Run ``build()`` unless ``done`` exists; a file lock makes concurrent ranks build it only once."""
+    if done.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not done.exists():
+            build()
+
+
 def ensure_synthetic(cache_dir, split: str, num_samples: int, seed: int, image_size: int, shard_size: int = 1000) -> Path:
-    """Build the synthetic shards once (safe when several ranks ask at the same time)."""
+    """The synthetic shards, built into the cache on first use (written aside, then moved in place)."""
     out = synthetic_dir(cache_dir, split, num_samples, seed, image_size)
-    if (out / MANIFEST).is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not (out / MANIFEST).is_file():
-            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-            write_shards((scene_record(seed, i, image_size) for i in range(num_samples)), tmp, shard_size)
-            os.replace(tmp, out)
+
+    def build():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_shards((scene_record(seed, i, image_size) for i in range(num_samples)), tmp, shard_size)
+        os.replace(tmp, out)
+
+    build_once(out, out / MANIFEST, build)
     return out
 
 
 def ensure_tokenizer(cache_dir, vocab_size: int, seed: int) -> PixelTokenizer:
     """The tiny default's BPE, trained once on synthetic captions and questions and cached."""
     path = Path(cache_dir) / "tokenizer" / f"synthetic-bpe-v{SYNTHETIC_VERSION}-{vocab_size}-{seed}.json"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
-            if not path.is_file():
-                texts = []
-                for i in range(2000):
-                    scene = render_scene(seed, i, 32)
-                    texts.append(scene.caption)
-                    texts.extend(f" {qa['q']} {qa['a']}" for qa in scene.qa)
-                train_bpe(texts, vocab_size, path)
+
+    def build():
+        texts = []
+        for i in range(2000):
+            scene = render_scene(seed, i, 32)
+            texts.append(scene.caption)
+            texts.extend(f" {qa['q']} {qa['a']}" for qa in scene.qa)
+        train_bpe(texts, vocab_size, path)
+
+    build_once(path, path, build)
     return PixelTokenizer.from_dir(path)
 
 

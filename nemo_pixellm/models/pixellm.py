@@ -77,7 +77,7 @@ class PixelLMModel(MegatronModule):
         return embeddings
 
     def _insert_images(self, embeddings: torch.Tensor, input_ids: torch.Tensor, images) -> torch.Tensor:
-        image_mask = (input_ids == self.image_token_id).transpose(0, 1)  # [s, b]
+        image_mask = input_ids == self.image_token_id  # [b, s]
         num_image_tokens = int(image_mask.sum())
         if images is None or images.shape[0] == 0:
             if num_image_tokens:
@@ -91,7 +91,7 @@ class PixelLMModel(MegatronModule):
             )
         # Scatter in (sample, position) order: transpose to [b, s, h] so row-major order is per sample.
         embeddings = embeddings.transpose(0, 1).clone()
-        embeddings[image_mask.transpose(0, 1)] = features.to(embeddings.dtype)
+        embeddings[image_mask] = features.to(embeddings.dtype)
         return embeddings.transpose(0, 1).contiguous()
 
     def forward(

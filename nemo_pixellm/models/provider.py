@@ -105,6 +105,13 @@ class PixelLMProvider(MLAModelProvider):
             activation_func=torch.nn.functional.gelu,
         )
 
+    def disable_cuda_fusions(self) -> None:
+        """Without CUDA: initialise on CPU (same weights at every TP size) and use unfused kernels."""
+        self.use_cpu_initialization = True
+        self.gradient_accumulation_fusion = self.bias_activation_fusion = self.bias_dropout_fusion = False
+        self.masked_softmax_fusion = self.apply_rope_fusion = self.persist_layer_norm = False
+        self.cross_entropy_loss_fusion = False
+
     def provide_distributed_model(self, *args, use_cpu_initialization: bool | None = None, **kwargs):
         # Bridge resets use_cpu_initialization to this argument (False); keep the configured value, so
         # that CPU-initialised weights are the same whatever the tensor-parallel size.

@@ -114,11 +114,7 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
     )
     cpu = not torch.cuda.is_available()
     if cpu:
-        model.use_cpu_initialization = True
-        model.gradient_accumulation_fusion = False
-        model.bias_activation_fusion = model.bias_dropout_fusion = False
-        model.masked_softmax_fusion = model.apply_rope_fusion = model.persist_layer_norm = False
-        model.cross_entropy_loss_fusion = False
+        model.disable_cuda_fusions()
 
     dist_values = sections["dist"]
     if dist_values.get("distributed_backend") is None:
