@@ -3,7 +3,12 @@
 Importing the package installs the CPU compatibility layer when (and only when) CUDA is absent.
 """
 
-from nemo_pixellm import cpu_compat
+import warnings
+
+# torch.cuda imports the deprecated pynvml shim that Megatron's dependencies pull in; its warning is noise.
+warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
+
+from nemo_pixellm import cpu_compat  # noqa: E402
 
 cpu_compat.install()
 

@@ -75,3 +75,18 @@ def test_stages_freeze_and_hand_off_weights(cache_dir, tmp_path):
             else:
                 assert not moved, f"{module} is frozen but changed: {sorted(moved)[:3]}"
     assert any("image_newline" in k for k in changed(w2, w1, "projector")[0])
+
+
+def test_progressive_resolution_switches_during_a_run(cache_dir, tmp_path):
+    """224 -> 384 -> 512 in one run, with DeepSeek-VL2 tiling (global + separator + 1x1 local: 685 positions
+    at 512): the views change size at the scheduled steps, and the log says so."""
+    schedule = "[[0.0,224],[0.3,384],[0.6,512]]"
+    proc = run_train(["+stage=stage2", *QUICK, "train.train_iters=10", "train.global_batch_size=4",
+                      "train.micro_batch_size=2", "seq_length=704", "dataset.max_tiles=1",
+                      f"progressive_resolution={schedule}", f"run_dir={tmp_path}"], cache_dir)
+    switches = [line for line in proc.stdout.splitlines() if "image views" in line]
+    assert switches == ["[pixellm] step 1: image views 224x224",
+                        "[pixellm] step 4: image views 384x384 (was 224x224)",
+                        "[pixellm] step 7: image views 512x512 (was 384x384)"]
+    curve = losses(tmp_path)
+    assert sorted(curve) == list(range(1, 11)) and all(0 < v < 20 for v in curve.values())

@@ -74,9 +74,12 @@ class PixelLMDataConfig(DatasetProvider):
     task: str = "caption"
     path: str | None = None
     valid_path: str | None = None
-    image_size: int = 224
+    image_size: int = 224  # view (tile) size; with a resolution_schedule, the size for validation
     patch_size: int = 14
     downsample: int = 2
+    max_tiles: int = 9  # DeepSeek-VL2 grids cols * rows <= max_tiles; 0 = the global view only
+    resolution_schedule: list | None = None  # [[fraction of training, view size], ...], e.g. 224 -> 384 -> 512
+    global_batch_size: int = 1  # set from train.global_batch_size: the schedule's step = sample index // this
     cache_dir: str | None = None
     synthetic_train_samples: int = 4000
     synthetic_valid_samples: int = 200
@@ -101,15 +104,16 @@ class PixelLMDataConfig(DatasetProvider):
         ShardReader(train)  # fails now, with the fix in the message, if the directory is not a shard set
         return train, Path(self.valid_path) if self.valid_path else None
 
-    def _dataset(self, path, tokenizer, num_samples):
+    def _dataset(self, path, tokenizer, num_samples, schedule=None):
         return VisionLanguageDataset(
             path, tokenizer, self.seq_length, self.image_size, self.patch_size, self.downsample,
-            task=self.task, num_samples=num_samples,
+            task=self.task, num_samples=num_samples, max_tiles=self.max_tiles,
+            resolution_schedule=schedule, global_batch_size=self.global_batch_size,
         )
 
     def build_datasets(self, context: DatasetBuildContext):
         tokenizer = self.load_tokenizer()
         train_path, valid_path = self.resolve_paths()
-        train = self._dataset(train_path, tokenizer, max(context.train_samples, 1))
+        train = self._dataset(train_path, tokenizer, max(context.train_samples, 1), self.resolution_schedule)
         valid = self._dataset(valid_path, tokenizer, None) if valid_path and context.valid_samples > 0 else None
         return train, valid, None

@@ -1,9 +1,10 @@
 """PixelLM: vision tower -> projector -> image features placed at the image-token positions of the
 text embeddings -> DeepSeek-V3-style decoder (Megatron GPTModel with MLA + MoE layer specs).
 
-Images of a micro-batch arrive concatenated in sample order ([num_images, 3, H, W]); their tokens fill
-the positions where ``input_ids == image_token_id``, row-major over (sample, position). Each sample gets
-exactly its own images, and text-only samples simply contain no image tokens.
+The views of a micro-batch's images arrive concatenated in sample order ([num_views, 3, T, T]) with each
+image's tile grid ([num_images, 2]: cols, rows; see ``nemo_pixellm.tiling``); the image tokens fill the
+positions where ``input_ids == image_token_id``, row-major over (sample, position). Each sample gets
+exactly its own images; text-only samples simply contain no image tokens.
 """
 
 import contextlib
@@ -60,33 +61,36 @@ class PixelLMModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 
-    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] -> [n * tokens_per_image, hidden] in the order the image tokens appear."""
-        tokens = self.projector(self.vision_model(images))
-        return tokens.reshape(-1, tokens.shape[-1])
+    def image_embeddings(self, images: torch.Tensor, image_grids: torch.Tensor | None = None) -> torch.Tensor:
+        """Views [v, 3, T, T] -> [image tokens, hidden] in the order the image tokens appear.
+        ``image_grids`` None: every view is a whole image (global view only)."""
+        if image_grids is None:
+            image_grids = torch.zeros(images.shape[0], 2, dtype=torch.long)
+        return self.projector(self.vision_model(images), image_grids)
 
-    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None,
+              image_grids: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with image features scattered into the image-token positions: [s, b, h].
 
         Under sequence parallelism the embeddings are built whole, images inserted, then scattered.
         """
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
-        embeddings = self._insert_images(embeddings, input_ids, images)
+        embeddings = self._insert_images(embeddings, input_ids, images, image_grids)
         if self.config.sequence_parallel:
             embeddings = scatter_to_sequence_parallel_region(embeddings)
         return embeddings
 
-    def _insert_images(self, embeddings: torch.Tensor, input_ids: torch.Tensor, images) -> torch.Tensor:
+    def _insert_images(self, embeddings: torch.Tensor, input_ids: torch.Tensor, images, image_grids) -> torch.Tensor:
         image_mask = input_ids == self.image_token_id  # [b, s]
         num_image_tokens = int(image_mask.sum())
         if images is None or images.shape[0] == 0:
             if num_image_tokens:
                 raise ValueError(f"batch has {num_image_tokens} image tokens but no images")
             return embeddings
-        features = self.image_embeddings(images)
+        features = self.image_embeddings(images, image_grids)
         if features.shape[0] != num_image_tokens:
             raise ValueError(
-                f"{images.shape[0]} images give {features.shape[0]} tokens, but the batch has {num_image_tokens} "
+                f"{images.shape[0]} views give {features.shape[0]} tokens, but the batch has {num_image_tokens} "
                 "image-token positions: the processor and the model disagree on the image size or layout"
             )
         # Scatter in (sample, position) order: transpose to [b, s, h] so row-major order is per sample.
@@ -101,11 +105,12 @@ class PixelLMModel(MegatronModule):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
         packed_seq_params=None,
         **kwargs,
     ) -> torch.Tensor:
         """``position_ids``: [b, s] (1D) or [3, b, s] (M-RoPE t/h/w ids); None = 0..s-1."""
-        decoder_input = self.embed(input_ids, images) if self.pre_process else None
+        decoder_input = self.embed(input_ids, images, image_grids) if self.pre_process else None
         with contextlib.ExitStack() as stack:
             for attention in self._mla_layers:
                 stack.enter_context(attention.positions(position_ids))

@@ -1,5 +1,6 @@
-"""DeepSeek-VL2 projector: 2x2 pixel-unshuffle, then Linear-GELU-Linear to the LM width, then the
-per-row learned newline embedding (and a learned view separator used between views)."""
+"""DeepSeek-VL2 projector: 2x2 pixel-unshuffle, then Linear-GELU-Linear to the LM width; then each image's
+views are laid out as in ``nemo_pixellm.tiling``: global view, learned view separator, local mosaic, with a
+learned newline embedding closing every token row."""
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ def pixel_unshuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 class PixelProjector(MegatronModule):
-    """Vision features [n, gh, gw, c_vision] -> LM tokens [n, rows, cols + 1, hidden] (newline per row)."""
+    """Vision features [views, gh, gw, c_vision] -> LM tokens of every image, in sequence order."""
 
     def __init__(self, config, vision_width: int, downsample: int = 2, pg_collection=None):
         super().__init__(config=config)
@@ -33,11 +34,31 @@ class PixelProjector(MegatronModule):
         self.image_newline = torch.nn.Parameter(torch.randn(config.hidden_size) * config.init_method_std)
         self.view_separator = torch.nn.Parameter(torch.randn(config.hidden_size) * config.init_method_std)
 
-    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """[views, gh, gw, c_vision] -> [views, s, s, hidden]."""
         grid = pixel_unshuffle(vision_features, self.downsample)
         n, rows, cols, width = grid.shape
         tokens = self.mlp(grid.reshape(n * rows * cols, 1, width))  # Megatron linears take [s, b, h]
-        hidden = tokens.shape[-1]
-        tokens = tokens.reshape(n, rows, cols, hidden)
-        newline = self.image_newline.view(1, 1, 1, hidden).expand(n, rows, 1, hidden)
-        return torch.cat([tokens, newline], dim=2)
+        return tokens.reshape(n, rows, cols, -1)
+
+    def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        rows, _, hidden = grid.shape
+        newline = self.image_newline.to(grid.dtype).view(1, 1, hidden).expand(rows, 1, hidden)
+        return torch.cat([grid, newline], dim=1).reshape(-1, hidden)
+
+    def forward(self, vision_features: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """``grids``: [images, 2] (cols, rows) of local tiles per image ((0, 0): global view only); the
+        views arrive per image as global, then local tiles row by row. Returns [tokens, hidden]."""
+        views = self.project(vision_features)
+        side, hidden = views.shape[1], views.shape[-1]
+        out, v = [], 0
+        for cols, rows in grids.tolist():
+            out.append(self._with_newlines(views[v]))
+            if cols * rows:
+                tiles = views[v + 1: v + 1 + cols * rows].reshape(rows, cols, side, side, hidden)
+                mosaic = tiles.permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, hidden)
+                out += [self.view_separator.to(views.dtype).view(1, hidden), self._with_newlines(mosaic)]
+            v += 1 + cols * rows
+        if v != views.shape[0]:
+            raise ValueError(f"the image grids account for {v} views but {views.shape[0]} were given")
+        return torch.cat(out)

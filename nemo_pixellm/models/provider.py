@@ -12,6 +12,7 @@ import torch
 from megatron.bridge.models.mla_provider import MLAModelProvider
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_pixellm.export.hf_siglip import load_siglip_tower
 from nemo_pixellm.models.pixellm import PixelLMModel
 from nemo_pixellm.models.specs import decoder_block_spec
 
@@ -54,6 +55,7 @@ class PixelLMProvider(MLAModelProvider):
     vision_patch_size: int = 14
     vision_image_size: int = 384  # resolution of the learned position table; other sizes interpolate
     vision_layernorm_epsilon: float = 1e-6
+    vision_pretrained_path: str | None = None  # a Hugging Face SiglipVisionModel directory to start the tower from
 
     # Projector: pixel-unshuffle factor and MLP width (None = LM hidden size).
     projector_downsample: int = 2
@@ -144,6 +146,8 @@ class PixelLMProvider(MLAModelProvider):
             post_process=language_model.post_process,
             pg_collection=self._pg_collection,
         )
+        if self.vision_pretrained_path and model.vision_model is not None:
+            load_siglip_tower(model.vision_model, self.vision_pretrained_path)
         apply_trainable(model, self.trainable_modules)
         return model
 

@@ -45,7 +45,7 @@ SECTIONS = {
     "rng": RNGConfig,
     "validation": ValidationConfig,
 }
-TOP_LEVEL = set(SECTIONS) | {"stage", "seq_length", "run_dir", "mixed_precision", "variant_name", "lr_scale"}
+TOP_LEVEL = set(SECTIONS) | {"stage", "seq_length", "run_dir", "mixed_precision", "variant_name", "lr_scale", "progressive_resolution"}
 
 if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
@@ -121,6 +121,7 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
         dist_values["distributed_backend"] = "gloo" if cpu else "nccl"
 
     train = TrainingConfig(**sections["train"])
+    dataset.global_batch_size = train.global_batch_size
     decay = sections["scheduler"].get("lr_decay_iters")
     if decay is not None and train.train_iters > decay:
         print(f"note: the learning rate reaches optimizer.min_lr at step {decay} (scheduler.lr_decay_iters) and "

@@ -13,6 +13,21 @@ def next_batch(data_iterator, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+_last_view_size = None
+
+
+def log_resolution_change(step: int, images) -> None:
+    """Progressive resolution: say when the training views change size (the data decides, by step)."""
+    global _last_view_size
+    if images is None or images.shape[0] == 0:
+        return
+    height, width = images.shape[-2:]
+    if (height, width) != _last_view_size:
+        was = f" (was {_last_view_size[1]}x{_last_view_size[0]})" if _last_view_size else ""
+        print(f"[pixellm] step {step + 1}: image views {width}x{height}{was}", flush=True)
+        _last_view_size = (height, width)
+
+
 def forward_step(state: GlobalState, data_iterator, model, return_schedule_plan: bool = False):
     """Tokens + images -> per-token losses; the loss function averages them over ``loss_mask``."""
     timers = state.timers
@@ -26,7 +41,10 @@ def forward_step(state: GlobalState, data_iterator, model, return_schedule_plan:
         attention_mask=batch.get("attention_mask"),
         labels=batch["labels"],
         images=batch.get("images"),
+        image_grids=batch.get("image_grids"),
     )
+    if model.training:
+        log_resolution_change(state.train_state.step, batch.get("images"))
     rerun = state.cfg.rerun_state_machine
     loss_fn = partial(
         masked_next_token_loss, batch["loss_mask"],

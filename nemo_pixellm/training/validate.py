@@ -57,3 +57,28 @@ def validate_layout(cfg, world_size: int) -> None:
         )
     if cfg.model.seq_length != cfg.dataset.seq_length:
         raise ConfigError("model.seq_length and dataset.seq_length differ: set the top-level seq_length instead")
+    validate_images(cfg.dataset)
+
+
+def validate_images(data) -> None:
+    """View sizes the tower can take, a well-formed resolution schedule, and a sequence that holds a view."""
+    from nemo_pixellm.tiling import image_layout
+
+    schedule = data.resolution_schedule or [[0.0, data.image_size]]
+    fractions = [float(entry[0]) for entry in schedule]
+    if fractions[0] != 0.0 or fractions != sorted(fractions) or fractions[-1] >= 1.0:
+        raise ConfigError(
+            f"dataset.resolution_schedule {schedule}: give [[fraction, size], ...] with fractions rising from 0.0 "
+            "and below 1.0, e.g. [[0.0, 224], [0.4, 384], [0.8, 512]]"
+        )
+    if data.max_tiles < 0:
+        raise ConfigError(f"dataset.max_tiles={data.max_tiles}: use 0 (global view only) or a positive grid limit")
+    for size in [int(entry[1]) for entry in schedule] + [data.image_size]:
+        if size < data.patch_size * data.downsample:
+            raise ConfigError(f"image size {size} is smaller than patch_size*downsample = {data.patch_size * data.downsample}")
+        view = image_layout(size, size, tile=size, patch=data.patch_size, downsample=data.downsample, max_tiles=0)
+        if view.tokens + 8 > data.seq_length:
+            raise ConfigError(
+                f"a {size}px view takes {view.tokens} positions: seq_length={data.seq_length} leaves too little room "
+                f"for text; raise seq_length to at least {view.tokens + 8} or lower the image size"
+            )

@@ -1,0 +1,95 @@
+"""Hugging Face ``SiglipVisionModel`` (or a full ``SiglipModel``'s vision half) -> PixelLM's vision tower.
+
+Cluster runs start the tower from pretrained SigLIP (``model.vision_pretrained_path=<dir>``). The tower
+has SigLIP's structure (patch conv, learned position table, pre-norm layers, GELU-tanh MLP, post norm);
+what differs is naming and Megatron's fused QKV weight, whose rows are grouped per head: [q_h; k_h; v_h].
+SigLIP's attention-pooling head is not used (DeepSeek-VL2 takes the patch features).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from nemo_pixellm.export.hf_deepseek_v3 import read_hf_checkpoint
+
+_GLOBAL_TABLE = [
+    ("patch_embedding.weight", "embeddings.patch_embedding.weight"),
+    ("patch_embedding.bias", "embeddings.patch_embedding.bias"),
+    ("position_embedding", "embeddings.position_embedding.weight"),
+    ("encoder.final_layernorm.weight", "post_layernorm.weight"),
+    ("encoder.final_layernorm.bias", "post_layernorm.bias"),
+]
+_LAYER_TABLE = [
+    ("input_layernorm", "layer_norm1"),
+    ("self_attention.linear_proj", "self_attn.out_proj"),
+    ("pre_mlp_layernorm", "layer_norm2"),
+    ("mlp.linear_fc1", "mlp.fc1"),
+    ("mlp.linear_fc2", "mlp.fc2"),
+]
+
+
+def _strip_prefix(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys relative to the vision transformer, whatever model it was saved in ('vision_model.', ...)."""
+    anchor = "embeddings.patch_embedding.weight"
+    prefixes = [k[: -len(anchor)] for k in hf_state if k.endswith(anchor)]
+    if len(prefixes) != 1:
+        raise KeyError(f"expected one SigLIP vision tower in the checkpoint, found {len(prefixes)} "
+                       f"('{anchor}' keys: {prefixes})")
+    return {k[len(prefixes[0]):]: v for k, v in hf_state.items() if k.startswith(prefixes[0])}
+
+
+def siglip_to_tower(hf_state: dict[str, torch.Tensor], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+    """SigLIP vision state dict -> VisionTower state dict (unsharded names, TP=1)."""
+    hf = _strip_prefix(hf_state)
+    out = {ours: hf[theirs] for ours, theirs in _GLOBAL_TABLE}
+    for layer in range(num_layers):
+        src, dst = f"encoder.layers.{layer}.", f"encoder.layers.{layer}."
+        for ours, theirs in _LAYER_TABLE:
+            for kind in ("weight", "bias"):
+                out[f"{dst}{ours}.{kind}"] = hf[f"{src}{theirs}.{kind}"]
+        for kind in ("weight", "bias"):
+            q, k, v = (hf[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv")
+            per_head = [t.reshape(num_heads, -1, *t.shape[1:]) for t in (q, k, v)]  # [heads, head_dim, ...]
+            out[f"{dst}self_attention.linear_qkv.{kind}"] = torch.cat(per_head, dim=1).reshape(-1, *q.shape[1:])
+    return out
+
+
+def _tensor_parallel_shard(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return torch.chunk(full, size, dim=param.partition_dim)[rank]
+
+
+def load_siglip_tower(tower: torch.nn.Module, directory) -> None:
+    """Load a Hugging Face SigLIP vision checkpoint directory into ``tower`` (this rank's TP shard)."""
+    directory = Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}: model.vision_pretrained_path must be a Hugging Face "
+                                "SiglipVisionModel directory (save_pretrained output)")
+    hf_config = json.loads(config_file.read_text())
+    hf_config = hf_config.get("vision_config", hf_config)
+    config = tower.config
+    expected = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+                "num_attention_heads": config.num_attention_heads, "intermediate_size": config.ffn_hidden_size,
+                "patch_size": tower.patch_size, "image_size": tower.base_grid * tower.patch_size}
+    ours = {"hidden_size": "model.vision_hidden_size", "num_hidden_layers": "model.vision_num_layers",
+            "num_attention_heads": "model.vision_num_attention_heads",
+            "intermediate_size": "model.vision_ffn_hidden_size", "patch_size": "dataset.patch_size",
+            "image_size": "model.vision_image_size"}
+    mismatched = [f"{ours[k]}={v} but the checkpoint has {k}={hf_config.get(k)}"
+                  for k, v in expected.items() if hf_config.get(k) != v]
+    if mismatched:
+        raise ValueError(f"{directory} does not fit the configured tower: " + "; ".join(mismatched))
+    state = siglip_to_tower(read_hf_checkpoint(directory), config.num_layers, config.num_attention_heads)
+    params = dict(tower.named_parameters())
+    with torch.no_grad():
+        for name, full in state.items():
+            params[name].copy_(_tensor_parallel_shard(params[name], full.to(params[name].dtype)))
+    missing = set(params) - set(state)
+    if missing:
+        raise KeyError(f"SigLIP import left tower parameters unset: {sorted(missing)}")

@@ -1,0 +1,159 @@
+"""DeepSeek-VL2 dynamic tiling, and where an image's tokens sit in the LLM sequence (reference.md section 3).
+
+An image becomes a *global* view (the whole image letterboxed to one tile) followed by *local* tiles: the
+image resized (padded, aspect kept) to the best-fitting grid of cols x rows tiles, cut row by row.
+After the ViT (patch p) and the 2x2 pixel-unshuffle, a tile is an s x s token grid (s = ceil(tile/p / 2);
+14 at 384/14) and the image occupies, in order:
+
+    global view   s rows of (s + 1): each row ends with the learned newline token
+    separator     1 learned view-separator token
+    local mosaic  rows*s rows of (cols*s + 1): the tiles side by side, each mosaic row ends with a newline
+
+1x1 -> 210 + 1 + 210 = 421 positions; 2 rows x 3 cols -> 210 + 1 + 28*43 = 1415; 3x3 -> 2017.
+With 3 or more images in a sample tiling is off: grid 1x1 (DeepSeek-VL2's processor then still emits the
+global view and one local tile). ``max_tiles=0`` is this plugin's cheaper mode: the global view alone.
+
+M-RoPE positions (Qwen2-VL's rule, extended to the newline and separator tokens): text tokens take
+t = h = w = running index; a view's token grid takes t = start, h = start + row, w = start + col, where a
+newline is the column after the last (col = s, resp. cols*s); the separator is a one-token text block;
+whatever follows continues at max(previous ids) + 1.
+
+    python -m nemo_pixellm.tiling 2000x1500 640x480 [--tile 384 --patch 14 --max-tiles 9 --images 1]
+"""
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageOps
+
+TILE, PATCH, DOWNSAMPLE, MAX_TILES = 384, 14, 2, 9
+MEAN_RGB = (127, 127, 127)  # SigLIP normalises with mean 0.5: padding is the mean colour, zero after normalisation
+
+
+def candidate_grids(max_tiles: int = MAX_TILES) -> list[tuple[int, int]]:
+    """Every (cols, rows) with cols * rows <= max_tiles (cols outer, rows inner: the first of exact ties wins)."""
+    return [(cols, rows) for cols in range(1, max_tiles + 1) for rows in range(1, max_tiles // cols + 1)]
+
+
+def best_grid(width: int, height: int, tile: int = TILE, max_tiles: int = MAX_TILES) -> tuple[int, int]:
+    """LLaVA-NeXT "anyres" choice: maximise the effective resolution, then minimise the wasted area."""
+    best, best_effective, best_waste = (1, 1), -1, math.inf
+    for cols, rows in candidate_grids(max_tiles):
+        grid_w, grid_h = cols * tile, rows * tile
+        scale = min(grid_w / width, grid_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        waste = grid_w * grid_h - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (cols, rows), effective, waste
+    return best
+
+
+def view_side(tile: int = TILE, patch: int = PATCH, downsample: int = DOWNSAMPLE) -> int:
+    """Tokens per side of one view after the pixel-unshuffle (27 patches at 384/14 -> padded 28 -> 14)."""
+    return math.ceil((tile // patch) / downsample)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How one image is cut (``grid`` = (cols, rows) of local tiles; (0, 0) = global view only) and the
+    token blocks it fills: ("grid", rows, cols_with_newline) or ("text", n) for the separator."""
+
+    grid: tuple[int, int]
+    side: int
+
+    @property
+    def views(self) -> int:
+        return 1 + self.grid[0] * self.grid[1]
+
+    @property
+    def blocks(self) -> list[tuple]:
+        s, (cols, rows) = self.side, self.grid
+        blocks = [("grid", s, s + 1)]
+        if cols * rows:
+            blocks += [("text", 1), ("grid", rows * s, cols * s + 1)]
+        return blocks
+
+    @property
+    def tokens(self) -> int:
+        return sum(b[1] * b[2] if b[0] == "grid" else b[1] for b in self.blocks)
+
+
+def image_layout(width: int, height: int, *, tile: int = TILE, patch: int = PATCH, downsample: int = DOWNSAMPLE,
+                 max_tiles: int = MAX_TILES, images_in_sample: int = 1) -> ImageLayout:
+    if max_tiles == 0:
+        grid = (0, 0)
+    elif images_in_sample >= 3:
+        grid = (1, 1)  # DeepSeek-VL2 turns tiling off for 3+ images
+    else:
+        grid = best_grid(width, height, tile, max_tiles)
+    return ImageLayout(grid=grid, side=view_side(tile, patch, downsample))
+
+
+def tile_image(image: Image.Image, layout: ImageLayout, tile: int = TILE) -> list[Image.Image]:
+    """The views of one image, in token order: the letterboxed global view, then local tiles row by row."""
+    image = image.convert("RGB")
+    views = [ImageOps.pad(image, (tile, tile), Image.BICUBIC, color=MEAN_RGB)]
+    cols, rows = layout.grid
+    if cols * rows:
+        mosaic = ImageOps.pad(image, (cols * tile, rows * tile), Image.BICUBIC, color=MEAN_RGB)
+        for r in range(rows):
+            for c in range(cols):
+                views.append(mosaic.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
+    return views
+
+
+def to_tensor(view: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] in [-1, 1] (SigLIP normalisation: mean 0.5, std 0.5)."""
+    data = torch.frombuffer(bytearray(view.tobytes()), dtype=torch.uint8)
+    return data.view(view.height, view.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def mrope_positions(blocks: list[tuple], start: int = 0) -> torch.Tensor:
+    """[3, n] (t, h, w) position ids of a sequence of blocks: ("text", n) or ("grid", rows, cols)."""
+    ids, nxt = [], start
+    for block in blocks:
+        if block[0] == "text":
+            run = torch.arange(nxt, nxt + block[1])
+            ids.append(run.expand(3, -1))
+            nxt += block[1]
+        else:
+            _, rows, cols = block
+            h = torch.arange(rows).repeat_interleave(cols)
+            w = torch.arange(cols).repeat(rows)
+            ids.append(torch.stack([torch.zeros_like(h), h, w]) + nxt)
+            nxt += max(rows, cols)  # max id of the grid is start + max(rows, cols) - 1
+    return torch.cat(ids, dim=1) if ids else torch.zeros(3, 0, dtype=torch.long)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT (for example 2000x1500)") from None
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive")
+    return width, height
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="DeepSeek-VL2 tiling: grid, tiles and LLM tokens per image size")
+    parser.add_argument("sizes", nargs="+", type=_size, metavar="WIDTHxHEIGHT")
+    parser.add_argument("--tile", type=int, default=TILE)
+    parser.add_argument("--patch", type=int, default=PATCH)
+    parser.add_argument("--downsample", type=int, default=DOWNSAMPLE)
+    parser.add_argument("--max-tiles", type=int, default=MAX_TILES, help="m*n <= this (0: global view only)")
+    parser.add_argument("--images", type=int, default=1, help="images in the sample (3+ turns tiling off)")
+    args = parser.parse_args(argv)
+    for width, height in args.sizes:
+        layout = image_layout(width, height, tile=args.tile, patch=args.patch, downsample=args.downsample,
+                              max_tiles=args.max_tiles, images_in_sample=args.images)
+        cols, rows = layout.grid
+        print(json.dumps({"size": [width, height], "grid": [cols, rows], "tiles": cols * rows,
+                          "views": layout.views, "tokens": layout.tokens}))
+
+
+if __name__ == "__main__":
+    main()
