@@ -1,0 +1,108 @@
+"""One shard record -> one training sample: token segments with their loss flags, and its image.
+
+Tasks (a source's ``task``):
+- ``caption``: image, then the caption; loss on the caption.
+- ``vqa``: one question/answer turn of the record's ``qa`` list (epochs cycle through them).
+- ``chat``: the record's LLaVA-style ``conversations`` through the chat template.
+- ``text``: the record's ``text`` (text-only data); loss on all of it.
+
+Chat template (the tokenizer's special tokens; loss only on assistant tokens and their end token):
+
+    [<|system|> system text]  <|user|> user text (the image where <image> stands)  <|assistant|> answer <|end|>  ...
+"""
+
+import io
+import json
+from dataclasses import dataclass
+
+from PIL import Image
+
+from nemo_pixellm import tiling
+from nemo_pixellm.data.shards import ShardReader
+from nemo_pixellm.data.tokenizer import PixelTokenizer
+
+TASKS = ("caption", "vqa", "chat", "text")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Sample:
+    """``segments``: ("text", ids, carries_loss) or ("image", ImageLayout, image_token_id)."""
+
+    key: str
+    segments: list[tuple]
+    image: Image.Image | None = None
+    tile: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s[1].tokens if s[0] == "image" else len(s[1]) for s in self.segments)
+
+
+class ShardSamples:
+    """The samples of one shard directory for one task; index i >= len wraps (epochs)."""
+
+    def __init__(self, shard_dir, tokenizer: PixelTokenizer, task: str, patch_size: int = 14, downsample: int = 2,
+                 max_tiles: int = tiling.MAX_TILES):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+        self.reader = ShardReader(shard_dir)
+        self.tokenizer, self.task = tokenizer, task
+        self.patch_size, self.downsample, self.max_tiles = patch_size, downsample, max_tiles
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def sample(self, index: int, tile: int, max_tokens: int) -> Sample:
+        """The sample with its image laid out for ``tile``-pixel views, within ``max_tokens`` if tiling allows.
+        The image is opened lazily: computing lengths decodes only its header."""
+        raw = self.reader[index % len(self.reader)]
+        meta = json.loads(raw["json"])
+        tok = self.tokenizer
+        if self.task == "text":
+            return Sample(raw["__key__"], [("text", tok.encode(meta["text"]) + [tok.eos_id], True)])
+        image = Image.open(io.BytesIO(raw["jpg"])) if "jpg" in raw else None
+        # Fewer tiles when the full tiling leaves no room for the text (DeepSeek-VL2 would truncate).
+        for max_tiles in dict.fromkeys((self.max_tiles, min(self.max_tiles, 1), 0)):
+            layout = None if image is None else tiling.image_layout(
+                *image.size, tile=tile, patch=self.patch_size, downsample=self.downsample, max_tiles=max_tiles)
+            sample = Sample(raw["__key__"], self._segments(meta, index, layout), image, tile)
+            prompt = sum(s[1].tokens if s[0] == "image" else len(s[1]) for s in sample.segments
+                         if s[0] == "image" or not s[2])
+            if prompt < max_tokens:
+                break
+        return sample
+
+    def _segments(self, meta: dict, index: int, layout) -> list[tuple]:
+        tok = self.tokenizer
+        image = ("image", layout, tok.image_id)
+        if self.task == "caption":
+            return [image, ("text", tok.encode(meta["caption"]) + [tok.eos_id], True)]
+        if self.task == "vqa":
+            qa = meta["qa"][index // len(self.reader) % len(meta["qa"])]
+            turns = [{"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + qa["q"]}, {"from": "gpt", "value": qa["a"]}]
+        else:
+            turns = meta["conversations"]
+        return chat_segments(tok, turns, image if layout is not None else None)
+
+
+def chat_segments(tok: PixelTokenizer, turns: list[dict], image_segment) -> list[tuple]:
+    """LLaVA turns ({"from": system|human|gpt, "value"}) -> template segments; the image goes where the
+    placeholder stands (or before the first user text when there is none)."""
+    segments = []
+    if image_segment is not None and not any(IMAGE_PLACEHOLDER in t["value"] for t in turns):
+        turns = [dict(turns[0], value=IMAGE_PLACEHOLDER + "\n" + turns[0]["value"])] + list(turns[1:])
+    for turn in turns:
+        role = turn["from"]
+        if role == "gpt":
+            segments += [("text", [tok.assistant_id], False), ("text", tok.encode(" " + turn["value"]) + [tok.eos_id], True)]
+            continue
+        segments.append(("text", [tok.system_id if role == "system" else tok.user_id], False))
+        before, placeholder, after = turn["value"].partition(IMAGE_PLACEHOLDER)
+        if before.strip():
+            segments.append(("text", tok.encode(" " + before.strip()), False))
+        if placeholder and image_segment is not None:
+            segments.append(image_segment)
+        if after.strip():
+            segments.append(("text", tok.encode(" " + after.strip()), False))
+    return segments
