@@ -10,9 +10,7 @@ Two conventions are reported:
 """
 
 import json
-import os
 import sys
-import tempfile
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -65,25 +63,22 @@ def kv_cache_bytes_per_token(provider) -> dict:
 
 def build_on_meta(overrides: list[str]):
     """The variant's model with no memory: meta tensors, no initialisation, one gloo process."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=["+stage=stage2", *overrides])
     provider = build_config(cfg, world_size=1).model
-    if not dist.is_initialized():
-        store = os.path.join(tempfile.mkdtemp(), "store")
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-    provider._pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    return meta_model(provider), provider
+
+
+def meta_model(provider):
+    """``provider``'s model on the meta device, unsharded (the parallel sizes it is built with must be 1)."""
+    from nemo_pixellm.distributed import single_process_groups
+
+    provider._pg_collection = single_process_groups()
     provider.use_cpu_initialization = True  # allocate with the default device (meta), not current_device()
     provider.perform_initialization = False
     provider.finalize()
     with torch.device("meta"):
-        model = provider.provide()
-    return model, provider
+        return provider.provide()
 
 
 def main(argv=None) -> None:

@@ -35,30 +35,37 @@ def run_train(overrides: list[str], cache_dir: Path, nproc: int = 1, timeout: in
     return proc
 
 
+def metrics(run_dir: Path) -> list[dict]:
+    """The rows of run_dir/metrics.jsonl: step, loss, lr, time, samples (keys trained on)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+    return {row["step"]: row["loss"] for row in metrics(run_dir)}
 
 
 QUICK = ["logger.log_interval=1", "validation.eval_interval=null", "dataset.num_workers=0"]
 
 
 @pytest.fixture(scope="session")
-def megatron_single_process(tmp_path_factory):
+def megatron_single_process():
     """torch.distributed (gloo, 1 process) and Megatron's parallel state, for in-process model tests."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
+    from nemo_pixellm.distributed import single_process_groups
 
-    import nemo_pixellm  # noqa: F401
+    return single_process_groups()
 
-    if not dist.is_initialized():
-        store = tmp_path_factory.mktemp("rdzv") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-    return ProcessGroupCollection.use_mpu_process_groups()
 
+# The tiny language model of the in-process tests: DeepSeek-V3's structure (dense first layer, MoE with a
+# shared expert, MLA with q / kv low rank, M-RoPE on the rope slice) at toy sizes.
+TINY_LM = dict(
+    num_layers=2, moe_layer_freq=[0, 1], hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+    q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=16, v_head_dim=16,
+    num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=64,
+    mrope_section=[2, 3, 3],
+)
+# A tower for 56-pixel views (4x4 patches of 14 -> 2x2 tokens after the pixel-unshuffle).
+TINY_VISION_56 = dict(vision_hidden_size=32, vision_num_layers=2, vision_num_attention_heads=2,
+                      vision_ffn_hidden_size=64, vision_image_size=56)
 
 
 def build_pixellm(pg_collection, seed: int = 7, **provider_kwargs):

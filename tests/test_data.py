@@ -11,7 +11,7 @@ from nemo_pixellm.data.samples import ShardSamples, chat_segments
 from nemo_pixellm.data.shards import write_shards
 from nemo_pixellm.data.synthetic import scene_record
 
-from conftest import build_pixellm
+from conftest import TINY_LM, TINY_VISION_56, build_pixellm
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,8 @@ def sources(shards, tokenizer, task="caption"):
 
 @pytest.fixture(scope="module")
 def model(megatron_single_process, tokenizer):
-    return build_pixellm(
-        megatron_single_process,
-        num_layers=2, moe_layer_freq=[0, 1], hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-        q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=16, v_head_dim=16,
-        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=64,
-        mrope_section=[2, 3, 3], vocab_size=512, seq_length=160, vision_hidden_size=32, vision_num_layers=2,
-        vision_num_attention_heads=2, vision_ffn_hidden_size=64, vision_image_size=56,
-        image_token_id=tokenizer.image_id,
-    )
+    return build_pixellm(megatron_single_process, **TINY_LM, **TINY_VISION_56, vocab_size=512, seq_length=160,
+                         image_token_id=tokenizer.image_id)
 
 
 def per_sample_losses(model, batch) -> list[float]:

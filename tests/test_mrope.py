@@ -13,7 +13,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbeddin
 
 from nemo_pixellm.models.mla import PositionalRotary
 
-from conftest import build_pixellm
+from conftest import TINY_LM, build_pixellm
 from test_hf_parity import SIZES, hf_model, pixellm_lm
 from nemo_pixellm.export.hf_deepseek_v3 import hf_to_megatron, read_hf_checkpoint
 
@@ -50,14 +50,9 @@ def test_rotation_matches_qwen2_vl():
 
 @pytest.fixture(scope="module")
 def mrope_model(megatron_single_process):
-    return build_pixellm(
-        megatron_single_process, num_layers=2, moe_layer_freq=[0, 1], hidden_size=64, ffn_hidden_size=128,
-        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=16,
-        v_head_dim=16, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
-        moe_shared_expert_intermediate_size=64, mrope_section=[2, 3, 3], vocab_size=256, seq_length=64,
-        vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
-        vision_image_size=224, image_token_id=5,
-    )
+    return build_pixellm(megatron_single_process, **TINY_LM, vocab_size=256, seq_length=64, vision_hidden_size=32,
+                         vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
+                         vision_image_size=224, image_token_id=5)
 
 
 def test_text_only_ids_are_1d_rope(mrope_model):

@@ -1,13 +1,16 @@
 """End-to-end training through Megatron-Bridge on CPU: the main job learns, resume continues the exact
 trajectory, 2-process layouts equal 1 process, and stages freeze what they say and hand off weights."""
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import QUICK, losses, run_train
+from conftest import PYTHON, QUICK, ROOT, losses, metrics, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -46,35 +49,45 @@ def test_resume_continues_the_same_trajectory(cache_dir, tmp_path):
     for step in range(11, 21):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7)
     assert losses(tmp_path / "leg1") == {s: straight[s] for s in range(1, 11)}
+    # The data order: the interrupted run saw exactly the uninterrupted run's samples, none repeated or skipped.
+    keys = lambda run: [k for row in metrics(tmp_path / run) for k in row["samples"]]  # noqa: E731
+    assert keys("leg1") + keys("leg2") == keys("straight")
+    assert len(keys("straight")) >= 20 * 8 and any(k.startswith("text_") for k in keys("straight"))
 
 
-def test_stages_freeze_and_hand_off_weights(cache_dir, tmp_path):
-    """stage2 -> stage1 (projector only) -> stage1_5 (tower + projector), each from the previous checkpoint."""
-    s2, s1, s15 = tmp_path / "s2", tmp_path / "s1", tmp_path / "s15"
-    run_train(["+stage=stage2", *QUICK, "train.train_iters=2", f"checkpoint.save={s2}", f"run_dir={tmp_path}/r2"],
-              cache_dir)
-    run_train(["+stage=stage1", *QUICK, "train.train_iters=3", f"stage.init_from={s2}", f"checkpoint.save={s1}",
-               f"run_dir={tmp_path}/r1"], cache_dir)
-    run_train(["+stage=stage1_5", *QUICK, "train.train_iters=3", f"stage.init_from={s1}", f"checkpoint.save={s15}",
-               f"run_dir={tmp_path}/r15"], cache_dir)
-    # Weights only: each stage counts its own steps from 0.
-    assert (s1 / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    w2, w1, w15 = (checkpoint_tensors(d, tmp_path) for d in (s2, s1, s15))
-    assert set(w2) == set(w1) == set(w15)
+def test_pipeline_chains_stages_freezing_what_they_say(cache_dir, tmp_path):
+    """`python -m nemo_pixellm.pipeline`: each stage starts from the previous checkpoint (weights only) and moves
+    only its trainable modules: stage1 the projector (with newline / separator), stage1_5 tower + projector."""
+    env = dict(os.environ, NEMO_PIXELLM_CACHE=str(cache_dir), OMP_NUM_THREADS="2")
+    stages = ["stage2", "stage1", "stage1_5", "stage3"]
+    proc = subprocess.run([PYTHON, "-m", "nemo_pixellm.pipeline", f"stages=[{','.join(stages)}]", "steps=[2,3,3,2]",
+                           f"root={tmp_path}", "eval_samples=2", "ema.enabled=true", *QUICK],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert [(r["stage"], r["steps"]) for r in rows] == list(zip(stages, [2, 3, 3, 2]))
+    assert all(0.0 <= r["heldout_accuracy"] <= 1.0 and r["final_loss"] > 0 for r in rows)
+    ckpt = {s: tmp_path / s / "checkpoints" for s in stages}
+    assert (ckpt["stage1"] / "latest_checkpointed_iteration.txt").read_text().strip() == "3"  # own steps from 0
+    w = {s: checkpoint_tensors(ckpt[s], tmp_path) for s in stages}
+    assert len({frozenset(v) for v in w.values()}) == 1
 
     def changed(a, b, prefix):
         names = [k for k in a if k.startswith(prefix)]
         assert names, prefix
-        return {k for k in names if not torch.equal(a[k], b[k])}, names
+        return {k for k in names if not torch.equal(a[k], b[k])}
 
-    for stage_from, stage_to, trainable in ((w2, w1, {"projector"}), (w1, w15, {"vision_model", "projector"})):
+    hand_offs = (("stage2", "stage1", {"projector"}), ("stage1", "stage1_5", {"vision_model", "projector"}),
+                 ("stage1_5", "stage3", {"vision_model", "projector", "language_model"}))
+    for before, after, trainable in hand_offs:
         for module in ("vision_model", "projector", "language_model"):
-            moved, names = changed(stage_from, stage_to, module)
+            moved = changed(w[before], w[after], module)
             if module in trainable:
-                assert moved, f"{module} should train"
+                assert moved, f"{after}: {module} should train"
             else:
-                assert not moved, f"{module} is frozen but changed: {sorted(moved)[:3]}"
-    assert any("image_newline" in k for k in changed(w2, w1, "projector")[0])
+                assert not moved, f"{after}: {module} is frozen but changed: {sorted(moved)[:3]}"
+    assert any("image_newline" in k for k in changed(w["stage2"], w["stage1"], "projector"))
+    assert all((ckpt[s] / f"iter_{r['steps']:07d}" / "ema_rank00000.pt").is_file() for s, r in zip(stages, rows))
 
 
 def test_progressive_resolution_switches_during_a_run(cache_dir, tmp_path):
@@ -90,3 +103,28 @@ def test_progressive_resolution_switches_during_a_run(cache_dir, tmp_path):
                         "[pixellm] step 7: image views 512x512 (was 384x384)"]
     curve = losses(tmp_path)
     assert sorted(curve) == list(range(1, 11)) and all(0 < v < 20 for v in curve.values())
+
+
+def test_ema_follows_its_formula_and_survives_resume(cache_dir, tmp_path):
+    """ema_t = d * ema_(t-1) + (1 - d) * w_t on the saved weights, and a resumed run writes the same EMA."""
+    ema = ["ema.enabled=true", "ema.decay=0.5", "checkpoint.save_interval=1", "train.train_iters=3"]
+    run_train(["+stage=stage2", *QUICK, *ema, f"checkpoint.save={tmp_path / 'a'}", f"run_dir={tmp_path / 'ra'}"],
+              cache_dir)
+    ema_at = {t: torch.load(tmp_path / "a" / f"iter_{t:07d}" / "ema_rank00000.pt") for t in (1, 2, 3)}
+    weights = checkpoint_tensors(tmp_path / "a", tmp_path)  # step 3
+    names = [n for n in ema_at[3] if n.startswith("projector.")]
+    assert names and set(ema_at[3]) == set(ema_at[1])
+    averaged = 0
+    for name in names:
+        (stored,) = [v for k, v in weights.items() if k.endswith(name)]
+        torch.testing.assert_close(ema_at[3][name], 0.5 * ema_at[2][name] + 0.5 * stored, rtol=1e-6, atol=1e-7)
+        averaged += not torch.equal(ema_at[3][name], stored)  # weights that moved lag behind in the EMA
+    assert averaged >= 2
+    # Stop after 2 steps and resume to 3: the EMA state continues exactly.
+    run_train(["+stage=stage2", *QUICK, *ema, "train.train_iters=2", f"checkpoint.save={tmp_path / 'b'}",
+               f"run_dir={tmp_path / 'rb'}"], cache_dir)
+    run_train(["+stage=stage2", *QUICK, *ema, f"checkpoint.load={tmp_path / 'b'}", f"checkpoint.save={tmp_path / 'b'}",
+               f"run_dir={tmp_path / 'rb2'}"], cache_dir)
+    resumed = torch.load(tmp_path / "b" / "iter_0000003" / "ema_rank00000.pt")
+    for name in ema_at[3]:
+        torch.testing.assert_close(resumed[name], ema_at[3][name], rtol=1e-6, atol=1e-7)

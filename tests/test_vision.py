@@ -14,7 +14,7 @@ import nemo_pixellm  # noqa: F401
 from nemo_pixellm import tiling
 from nemo_pixellm.models.projector import pixel_unshuffle
 
-from conftest import build_pixellm
+from conftest import TINY_LM, TINY_VISION_56, build_pixellm
 
 REFERENCE_SIZES = [(5000, 300), (300, 5000), (20, 20), (12000, 9000), (1000, 1000), (1152, 768), (640, 480),
                    (800, 1200), (384, 1500), (1700, 900), (390, 390), (3000, 100)]
@@ -132,14 +132,8 @@ def test_pixel_unshuffle_matches_torch_up_to_channel_order():
 @pytest.fixture(scope="module")
 def vision_model(megatron_single_process):
     """A tiny PixelLM whose views are 56 px (4x4 patches -> 2x2 tokens + newline per row)."""
-    return build_pixellm(
-        megatron_single_process,
-        num_layers=2, moe_layer_freq=[0, 1], hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-        q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=16, v_head_dim=16,
-        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=64,
-        mrope_section=[2, 3, 3], vocab_size=256, seq_length=128, vision_hidden_size=32, vision_num_layers=2,
-        vision_num_attention_heads=2, vision_ffn_hidden_size=64, vision_image_size=56, image_token_id=5,
-    )
+    return build_pixellm(megatron_single_process, **TINY_LM, **TINY_VISION_56, vocab_size=256, seq_length=128,
+                         image_token_id=5)
 
 
 def test_projector_lays_out_global_separator_and_mosaic(vision_model):
@@ -228,12 +222,8 @@ def _random_siglip(tmp_path, image_size=56):
 
 def test_siglip_import_matches_transformers(megatron_single_process, tmp_path):
     hf = _random_siglip(tmp_path)
-    model = build_pixellm(
-        megatron_single_process, num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-        q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=16, v_head_dim=16, vocab_size=256,
-        seq_length=64, vision_hidden_size=32, vision_num_layers=2, vision_num_attention_heads=2,
-        vision_ffn_hidden_size=64, vision_image_size=56, image_token_id=5, vision_pretrained_path=str(tmp_path),
-    )
+    model = build_pixellm(megatron_single_process, **TINY_LM, **TINY_VISION_56, vocab_size=256, seq_length=64,
+                          image_token_id=5, vision_pretrained_path=str(tmp_path))
     g = torch.Generator().manual_seed(6)
     for size in (56, 112):  # the native grid, then an interpolated position table (progressive resolution)
         pixels = torch.rand(2, 3, size, size, generator=g) * 2 - 1
@@ -246,13 +236,8 @@ def test_siglip_import_matches_transformers(megatron_single_process, tmp_path):
 def test_siglip_import_rejects_a_mismatched_tower(megatron_single_process, tmp_path):
     _random_siglip(tmp_path, image_size=84)
     with pytest.raises(ValueError, match="model.vision_image_size=56 but the checkpoint has image_size=84"):
-        build_pixellm(
-            megatron_single_process, num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-            q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=16, v_head_dim=16,
-            vocab_size=256, seq_length=64, vision_hidden_size=32, vision_num_layers=2,
-            vision_num_attention_heads=2, vision_ffn_hidden_size=64, vision_image_size=56, image_token_id=5,
-            vision_pretrained_path=str(tmp_path),
-        )
+        build_pixellm(megatron_single_process, **TINY_LM, **TINY_VISION_56, vocab_size=256, seq_length=64,
+                      image_token_id=5, vision_pretrained_path=str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -280,15 +265,24 @@ def tokenizer(tmp_path_factory):
     return train_bpe(["a picture number 0 1", "What colour? blue"], 300, tmp_path_factory.mktemp("tok") / "t.json")
 
 
+def _sequences(shard_dir, tokenizer, task, **kwargs):
+    from nemo_pixellm.data.dataset import TrainingSequences
+    from nemo_pixellm.data.samples import ShardSamples
+
+    samples = ShardSamples(shard_dir, tokenizer, task, patch_size=14, downsample=2, max_tiles=kwargs.pop("max_tiles"))
+    return TrainingSequences([samples], [1.0], tokenizer, kwargs.pop("seq_length"), kwargs.pop("num_samples", None),
+                             kwargs.pop("image_size"), **kwargs)
+
+
 @pytest.mark.parametrize("task", ["caption", "vqa"])
 def test_dataset_tiles_places_and_masks(shard_dir, tokenizer, vision_model, task):
-    from nemo_pixellm.data.dataset import VisionLanguageDataset
+    from nemo_pixellm.data.dataset import TrainingSequences
 
-    data = VisionLanguageDataset(shard_dir, tokenizer, seq_length=128, image_size=56, patch_size=14, downsample=2,
-                                 task=task, max_tiles=4)
+    data = _sequences(shard_dir, tokenizer, task, seq_length=128, image_size=56, max_tiles=4)
     samples = [data[0], data[1]]
-    for i, (sample, size) in enumerate(zip(samples, [(600, 200), (150, 400)])):
-        grid = tiling.best_grid(*size, tile=56, max_tiles=4)
+    for sample in samples:
+        i = int(sample["samples"][0][1][1:])  # key "s<i>"
+        grid = tiling.best_grid(*[(600, 200), (150, 400)][i], tile=56, max_tiles=4)
         layout = tiling.ImageLayout(grid=grid, side=2)
         assert sample["image_grids"].tolist() == [list(grid)]
         assert sample["images"].shape == (1 + grid[0] * grid[1], 3, 56, 56)
@@ -300,18 +294,16 @@ def test_dataset_tiles_places_and_masks(shard_dir, tokenizer, vision_model, task
         target = sample["labels"][sample["loss_mask"] > 0].tolist()  # loss only on the caption / answer + end
         assert tokenizer.decode(target) == (f"a picture number {i}" if task == "caption" else " blue")
         assert target[-1] == tokenizer.eos_id
-    batch = VisionLanguageDataset.collate_fn(samples)
+    batch = TrainingSequences.collate_fn(samples)
     ids = torch.where(batch["tokens"] == tokenizer.image_id, 5, batch["tokens"] % 200 + 10)  # the model's ids
     with torch.no_grad():
         vision_model(ids, batch["position_ids"], images=batch["images"], image_grids=batch["image_grids"])
 
 
 def test_resolution_schedule_switches_by_step(shard_dir, tokenizer):
-    from nemo_pixellm.data.dataset import VisionLanguageDataset
-
     schedule = [[0.0, 224], [0.4, 384], [0.8, 512]]
-    data = VisionLanguageDataset(shard_dir, tokenizer, seq_length=384, image_size=224, patch_size=14, downsample=2,
-                                 num_samples=40, max_tiles=0, resolution_schedule=schedule, global_batch_size=4)
+    data = _sequences(shard_dir, tokenizer, "caption", seq_length=384, image_size=224, num_samples=40, max_tiles=0,
+                      resolution_schedule=schedule, global_batch_size=4)
     sizes = [data.view_size(i) for i in range(40)]  # 10 steps of 4 samples
     assert sizes == [224] * 16 + [384] * 16 + [512] * 8
     assert data[39]["images"].shape[-1] == 512 and int((data[39]["tokens"] == tokenizer.image_id).sum()) == 18 * 19

@@ -1,27 +1,30 @@
-"""From shard samples to training tensors: image tiling, prompt templates, M-RoPE positions, collate.
+"""Training sequences from samples: mixing sources by token share, packing, positions, collate.
 
-A sample becomes ``tokens`` / ``labels`` / ``loss_mask`` of length seq_length, ``position_ids`` [3, seq]
-(M-RoPE t / h / w, see ``nemo_pixellm.tiling``), its image views [v, 3, T, T] and their tile grids
-[images, 2]. Only answer (or caption) tokens carry loss; prompt, image and padding positions do not.
+The whole path from shard to model input: ``ShardSamples`` (samples.py) turns a record into token
+segments and an image; ``TrainingSequences`` decides, once and deterministically, which samples make up
+each sequence (the *plan*), then builds sequence i on demand:
 
-Progressive resolution: ``resolution_schedule`` [[fraction of training, view size], ...] picks the view
-size from the sample index (Megatron's sampler hands out global sample indices in order, so index //
-global_batch_size is the step): deterministic, the same after a resume, and one size per global batch.
+    tokens / labels / loss_mask [seq]   labels are next tokens *within* a sample; the last token of a sample
+                                        and padding carry no loss, nor do prompt and image positions
+    position_ids [3, seq]               M-RoPE ids (nemo_pixellm.tiling), restarting at 0 for every sample
+    segment_ids [seq]                   which packed sample a position belongs to (padding: -1)
+    images [views, 3, T, T], image_grids [images, 2], samples [(source, key, tokens)]
+
+- Mixing: each next sample comes from the source furthest below its target share of tokens so far
+  (e.g. 70:30 vision-language : text), each source in a seeded per-epoch shuffle: deterministic by seed.
+- Packing: consecutive samples share a sequence while they fit; collate turns segment ids into a
+  block-diagonal causal attention mask, so packed samples never see each other.
+- Progressive resolution: ``resolution_schedule`` [[fraction of training, view size], ...] picks the view
+  size from the sequence index (Megatron's sampler hands out global indices in order, so index //
+  global_batch_size is the step): the same after a resume, and one size per global batch.
+- Exact resume: a map-style dataset under Megatron's sampler continues from ``consumed_train_samples``
+  in the checkpoint; the plan is a pure function of the config, so nothing else needs saving.
 """
 
-import io
-import json
-
 import torch
-from PIL import Image
 
 from nemo_pixellm import tiling
-from nemo_pixellm.data.shards import ShardReader
-from nemo_pixellm.data.tokenizer import PixelTokenizer
-
-
-def decode_image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+from nemo_pixellm.data.samples import Sample, ShardSamples
 
 
 def resolution_at(schedule: list, step: int, total_steps: int) -> int:
@@ -33,103 +36,136 @@ def resolution_at(schedule: list, step: int, total_steps: int) -> int:
     return int(size)
 
 
-def segment_length(segment: tuple) -> int:
-    return segment[1].tokens if segment[0] == "image" else len(segment[1])
+class MixtureStream:
+    """Samples from several sources, each next one from the source furthest below its token share."""
+
+    def __init__(self, sources: list[ShardSamples], shares: list[float], seed: int):
+        total = sum(shares)
+        self.sources, self.shares, self.seed = sources, [s / total for s in shares], seed
+        self.taken = [0] * len(sources)  # samples drawn per source
+        self.tokens = [0] * len(sources)
+        self._order = [(-1, [])] * len(sources)  # (epoch, shuffled indices) per source
+
+    def _index(self, source: int) -> int:
+        n = len(self.sources[source])
+        epoch, position = divmod(self.taken[source], n)
+        if self._order[source][0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + source * 100 + epoch)
+            self._order[source] = (epoch, torch.randperm(n, generator=generator).tolist())
+        return epoch * n + self._order[source][1][position]  # index >= n: e.g. the next question, by epoch
+
+    def next(self) -> tuple[int, int]:
+        total = sum(self.tokens)
+        source = max(range(len(self.sources)), key=lambda s: self.shares[s] * total - self.tokens[s])
+        index = self._index(source)
+        self.taken[source] += 1
+        return source, index
+
+    def account(self, source: int, tokens: int) -> None:
+        self.tokens[source] += tokens
 
 
-def encode_segments(segments: list[tuple], seq_length: int, pad_id: int) -> dict:
-    """Segments ("text", ids, carries_loss) / ("image", ImageLayout, image_token_id) -> the model's tensors."""
-    ids, loss, blocks = [], [], []
-    for segment in segments:
-        if segment[0] == "text":
-            _, text_ids, carries_loss = segment
-            ids += text_ids
-            loss += [float(carries_loss)] * len(text_ids)
-            blocks.append(("text", len(text_ids)))
-        else:
-            _, layout, image_token_id = segment
-            ids += [image_token_id] * layout.tokens
-            loss += [0.0] * layout.tokens
-            blocks += layout.blocks
-    pad = seq_length + 1 - len(ids)
-    if pad > 0:
-        ids += [pad_id] * pad
-        loss += [0.0] * pad
-        blocks.append(("text", pad))
-    ids_t = torch.tensor(ids[: seq_length + 1], dtype=torch.long)
-    return {
-        "tokens": ids_t[:-1],
-        "labels": ids_t[1:],
-        "loss_mask": torch.tensor(loss[1: seq_length + 1], dtype=torch.float),  # loss on predicting token t+1
-        "position_ids": tiling.mrope_positions(blocks)[:, :seq_length],
-    }
-
-
-class VisionLanguageDataset(torch.utils.data.Dataset):
-    """Map-style dataset over a shard directory. ``task``: "caption" (stage 1/2) or "vqa" (stage 3 chat)."""
-
-    def __init__(self, shard_dir, tokenizer: PixelTokenizer, seq_length: int, image_size: int,
-                 patch_size: int, downsample: int, task: str = "caption", num_samples: int | None = None,
-                 max_tiles: int = tiling.MAX_TILES, resolution_schedule: list | None = None,
-                 global_batch_size: int = 1):
-        if task not in ("caption", "vqa"):
-            raise ValueError(f"unknown task {task!r}: use 'caption' or 'vqa'")
-        self.reader = ShardReader(shard_dir)
-        self.tokenizer = tokenizer
-        self.seq_length = seq_length
-        self.patch_size, self.downsample, self.max_tiles = patch_size, downsample, max_tiles
-        self.task = task
-        self.num_samples = num_samples or len(self.reader)
-        self.schedule = [list(entry) for entry in resolution_schedule] if resolution_schedule else [[0.0, image_size]]
-        self.total_steps = max(self.num_samples // max(global_batch_size, 1), 1)
+class TrainingSequences(torch.utils.data.Dataset):
+    def __init__(self, sources: list[ShardSamples], shares: list[float], tokenizer, seq_length: int,
+                 num_sequences: int | None, image_size: int, resolution_schedule: list | None = None,
+                 global_batch_size: int = 1, pack: bool = False, seed: int = 1234):
+        self.sources, self.tokenizer, self.seq_length, self.pack = sources, tokenizer, seq_length, pack
+        self.num_sequences = num_sequences or len(sources[0])
+        self.schedule = [list(e) for e in resolution_schedule] if resolution_schedule else [[0.0, image_size]]
         self.global_batch_size = max(global_batch_size, 1)
-        for _, size in self.schedule:
-            smallest = tiling.image_layout(size, size, tile=size, patch=patch_size, downsample=downsample, max_tiles=0)
-            if smallest.tokens + 8 > seq_length:
-                raise ValueError(f"seq_length {seq_length} cannot hold a {size}px view ({smallest.tokens} tokens) "
-                                 f"plus text: raise seq_length to at least {smallest.tokens + 8}")
+        self.total_steps = max(self.num_sequences // self.global_batch_size, 1)
+        self.plan = self._build_plan(MixtureStream(sources, shares, seed))
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_sequences
 
     def view_size(self, index: int) -> int:
         return resolution_at(self.schedule, index // self.global_batch_size, self.total_steps)
 
-    def _layout(self, image: Image.Image, tile: int, max_tiles: int, images_in_sample: int) -> tiling.ImageLayout:
-        return tiling.image_layout(*image.size, tile=tile, patch=self.patch_size, downsample=self.downsample,
-                                   max_tiles=max_tiles, images_in_sample=images_in_sample)
+    def _sample(self, source: int, index: int, tile: int) -> Sample:
+        return self.sources[source].sample(index, tile, self.seq_length)
 
-    def _segments(self, meta: dict, index: int, image_segment) -> list[tuple]:
-        tok = self.tokenizer
-        if self.task == "caption":
-            return [image_segment, ("text", tok.encode(meta["caption"]) + [tok.eos_id], True)]
-        qa = meta["qa"][index // len(self.reader) % len(meta["qa"])]  # epochs cycle through the questions
-        return [("text", [tok.user_id], False), image_segment,
-                ("text", tok.encode(" " + qa["q"]) + [tok.assistant_id], False),
-                ("text", tok.encode(" " + qa["a"]) + [tok.eos_id], True)]
+    def _build_plan(self, stream: MixtureStream) -> list[list[tuple[int, int]]]:
+        """Which (source, index) samples make up each sequence. Lengths need no image decoding."""
+        plan, pending = [], None
+        for i in range(self.num_sequences):
+            tile, members, used = self.view_size(i), [], 0
+            while True:
+                candidate = pending or stream.next()
+                pending = None
+                length = min(self._sample(*candidate, tile).num_tokens, self.seq_length)
+                if members and used + length > self.seq_length:
+                    pending = candidate  # starts the next sequence
+                    break
+                members.append(candidate)
+                stream.account(candidate[0], length)
+                used += length
+                if not self.pack:
+                    break
+            plan.append(members)
+        return plan
 
     def __getitem__(self, index: int) -> dict:
-        raw = self.reader[index % len(self.reader)]
-        meta = json.loads(raw["json"])
-        image = decode_image(raw["jpg"])
         tile = self.view_size(index)
-        # Fewer tiles when the full tiling does not leave room for the text (DeepSeek-VL2 would truncate).
-        for max_tiles in dict.fromkeys((self.max_tiles, min(self.max_tiles, 1), 0)):
-            layout = self._layout(image, tile, max_tiles, images_in_sample=1)
-            segments = self._segments(meta, index, ("image", layout, self.tokenizer.image_id))
-            prompt = sum(segment_length(s) for s in segments if s[0] == "image" or not s[2])
-            if prompt < self.seq_length:
-                break
-        sample = encode_segments(segments, self.seq_length, self.tokenizer.pad_id)
-        sample["images"] = torch.stack([tiling.to_tensor(v) for v in tiling.tile_image(image, layout, tile)])
-        sample["image_grids"] = torch.tensor([layout.grid], dtype=torch.long)
-        return sample
+        samples = [(source, self._sample(source, i, tile)) for source, i in self.plan[index]]
+        return build_sequence(samples, self.seq_length, self.tokenizer.pad_id, tile)
 
     @staticmethod
-    def collate_fn(samples: list[dict]) -> dict:
-        batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
-        batch["position_ids"] = torch.stack([s["position_ids"] for s in samples], dim=1)  # [3, b, s]
+    def collate_fn(items: list[dict]) -> dict:
+        batch = {k: torch.stack([item[k] for item in items]) for k in ("tokens", "labels", "loss_mask")}
+        batch["position_ids"] = torch.stack([item["position_ids"] for item in items], dim=1)  # [3, b, s]
+        segments = torch.stack([item["segment_ids"] for item in items])
+        if (segments.amax(dim=1) > 0).any():  # packed: block-diagonal causal mask, True = masked (Megatron)
+            causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool).tril()
+            same = segments[:, :, None] == segments[:, None, :]
+            batch["attention_mask"] = ~(same & causal).unsqueeze(1)
         # Views and grids in sample order = image-token order.
-        batch["images"] = torch.cat([s["images"] for s in samples])
-        batch["image_grids"] = torch.cat([s["image_grids"] for s in samples])
+        batch["images"] = torch.cat([item["images"] for item in items])
+        batch["image_grids"] = torch.cat([item["image_grids"] for item in items])
+        batch["samples"] = [item["samples"] for item in items]
         return batch
+
+
+def build_sequence(samples: list[tuple[int, Sample]], seq_length: int, pad_id: int, tile: int) -> dict:
+    """Concatenate samples (cut at seq_length, never inside an image), then pad; see the module docstring."""
+    tokens, labels, loss, positions, segment_ids, views, grids, info = [], [], [], [], [], [], [], []
+    for number, (source, sample) in enumerate(samples):
+        ids, carries, blocks = [], [], []
+        for segment in sample.segments:
+            room = seq_length - len(tokens) - len(ids)
+            if segment[0] == "image":
+                layout = segment[1]
+                if layout.tokens > room:
+                    break
+                ids += [segment[2]] * layout.tokens
+                carries += [0.0] * layout.tokens
+                blocks += layout.blocks
+                views += [tiling.to_tensor(v) for v in tiling.tile_image(sample.image, layout, sample.tile)]
+                grids.append(layout.grid)
+            else:
+                part = segment[1][:room]
+                ids += part
+                carries += [float(segment[2])] * len(part)
+                blocks.append(("text", len(part)))
+            if room <= 0:
+                break
+        if not ids:
+            break
+        tokens += ids
+        labels += ids[1:] + [pad_id]  # next token within the sample; the last one predicts nothing
+        loss += carries[1:] + [0.0]
+        positions.append(tiling.mrope_positions(blocks))
+        segment_ids += [number] * len(ids)
+        info.append((source, sample.key, len(ids)))
+    pad = seq_length - len(tokens)
+    positions.append(tiling.mrope_positions([("text", pad)], start=len(tokens)))
+    return {
+        "tokens": torch.tensor(tokens + [pad_id] * pad, dtype=torch.long),
+        "labels": torch.tensor(labels + [pad_id] * pad, dtype=torch.long),
+        "loss_mask": torch.tensor(loss + [0.0] * pad, dtype=torch.float),
+        "position_ids": torch.cat(positions, dim=1),
+        "segment_ids": torch.tensor(segment_ids + [-1] * pad, dtype=torch.long),
+        "images": torch.stack(views) if views else torch.zeros(0, 3, tile, tile),
+        "image_grids": torch.tensor(grids, dtype=torch.long).view(-1, 2),
+        "samples": info,
+    }

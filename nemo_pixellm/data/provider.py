@@ -10,12 +10,13 @@ from pathlib import Path
 from filelock import FileLock
 from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
 
-from nemo_pixellm.data.dataset import VisionLanguageDataset
+from nemo_pixellm.data.dataset import TrainingSequences
+from nemo_pixellm.data.samples import ShardSamples
 from nemo_pixellm.data.shards import MANIFEST, ShardReader, write_shards
 from nemo_pixellm.data.synthetic import render_scene, scene_record
 from nemo_pixellm.data.tokenizer import PixelTokenizer, train_bpe
 
-SYNTHETIC_VERSION = 1  # bump when the generator's output changes, so caches rebuild
+SYNTHETIC_VERSION = 2  # bump when the generator's output changes, so caches rebuild
 
 
 def default_cache_dir() -> Path:
@@ -50,6 +51,25 @@ def ensure_synthetic(cache_dir, split: str, num_samples: int, seed: int, image_s
     return out
 
 
+def text_record(seed: int, index: int) -> dict:
+    """A text-only document for the synthetic set's text share: a scene's description and its Q&A, as prose."""
+    scene = render_scene(seed, index, 32)
+    text = " ".join([scene.caption] + [f"{qa['q']} {qa['a']}." for qa in scene.qa])
+    return {"__key__": f"text_{seed:04d}_{index:08d}", "json": json.dumps({"text": text}).encode()}
+
+
+def ensure_synthetic_text(cache_dir, num_samples: int, seed: int, shard_size: int = 1000) -> Path:
+    out = synthetic_dir(cache_dir, "text", num_samples, seed, 0)
+
+    def build():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_shards((text_record(seed, i) for i in range(num_samples)), tmp, shard_size)
+        os.replace(tmp, out)
+
+    build_once(out, out / MANIFEST, build)
+    return out
+
+
 def ensure_tokenizer(cache_dir, vocab_size: int, seed: int) -> PixelTokenizer:
     """The tiny default's BPE, trained once on synthetic captions and questions and cached."""
     path = Path(cache_dir) / "tokenizer" / f"synthetic-bpe-v{SYNTHETIC_VERSION}-{vocab_size}-{seed}.json"
@@ -60,6 +80,7 @@ def ensure_tokenizer(cache_dir, vocab_size: int, seed: int) -> PixelTokenizer:
             scene = render_scene(seed, i, 32)
             texts.append(scene.caption)
             texts.extend(f" {qa['q']} {qa['a']}" for qa in scene.qa)
+            texts.extend(" " + turn["value"].replace("<image>", "") for turn in scene.conversations)
         train_bpe(texts, vocab_size, path)
 
     build_once(path, path, build)
@@ -80,9 +101,13 @@ class PixelLMDataConfig(DatasetProvider):
     max_tiles: int = 9  # DeepSeek-VL2 grids cols * rows <= max_tiles; 0 = the global view only
     resolution_schedule: list | None = None  # [[fraction of training, view size], ...], e.g. 224 -> 384 -> 512
     global_batch_size: int = 1  # set from train.global_batch_size: the schedule's step = sample index // this
+    text_path: str | None = None  # text-only shards (json {"text"}); None with path=None: synthetic text
+    text_ratio: float = 0.0  # share of training tokens from text_path (stage 2: 0.3, i.e. 70:30)
+    pack: bool = False  # several samples per sequence, attention isolated between them
     cache_dir: str | None = None
     synthetic_train_samples: int = 4000
     synthetic_valid_samples: int = 200
+    synthetic_text_samples: int = 2000
     seed: int = 1234
     tokenizer_path: str | None = None
     tokenizer_vocab_size: int = 512
@@ -104,16 +129,33 @@ class PixelLMDataConfig(DatasetProvider):
         ShardReader(train)  # fails now, with the fix in the message, if the directory is not a shard set
         return train, Path(self.valid_path) if self.valid_path else None
 
-    def _dataset(self, path, tokenizer, num_samples, schedule=None):
-        return VisionLanguageDataset(
-            path, tokenizer, self.seq_length, self.image_size, self.patch_size, self.downsample,
-            task=self.task, num_samples=num_samples, max_tiles=self.max_tiles,
-            resolution_schedule=schedule, global_batch_size=self.global_batch_size,
-        )
+    def _samples(self, path, tokenizer, task) -> ShardSamples:
+        return ShardSamples(path, tokenizer, task, self.patch_size, self.downsample, self.max_tiles)
+
+    def train_dataset(self, tokenizer, num_sequences: int) -> TrainingSequences:
+        train_path, _ = self.resolve_paths()
+        sources, shares = [self._samples(train_path, tokenizer, self.task)], [1.0 - self.text_ratio]
+        if self.text_ratio > 0:
+            text_path = self.text_path or (
+                ensure_synthetic_text(self.cache(), self.synthetic_text_samples, self.seed + 2) if self.path is None
+                else None)
+            if text_path is None:
+                raise ValueError(f"dataset.text_ratio={self.text_ratio} needs dataset.text_path (text-only shards "
+                                 "from data_prep.text), or text_ratio=0")
+            sources.append(self._samples(text_path, tokenizer, "text"))
+            shares.append(self.text_ratio)
+        return TrainingSequences(sources, shares, tokenizer, self.seq_length, num_sequences, self.image_size,
+                                 self.resolution_schedule, self.global_batch_size, self.pack, self.seed)
+
+    def valid_dataset(self, tokenizer) -> TrainingSequences | None:
+        _, valid_path = self.resolve_paths()
+        if valid_path is None:
+            return None
+        return TrainingSequences([self._samples(valid_path, tokenizer, self.task)], [1.0], tokenizer,
+                                 self.seq_length, None, self.image_size, seed=self.seed)
 
     def build_datasets(self, context: DatasetBuildContext):
         tokenizer = self.load_tokenizer()
-        train_path, valid_path = self.resolve_paths()
-        train = self._dataset(train_path, tokenizer, max(context.train_samples, 1), self.resolution_schedule)
-        valid = self._dataset(valid_path, tokenizer, None) if valid_path and context.valid_samples > 0 else None
+        train = self.train_dataset(tokenizer, max(context.train_samples, 1))
+        valid = self.valid_dataset(tokenizer) if context.valid_samples > 0 else None
         return train, valid, None

@@ -7,6 +7,7 @@ reader does not offer, so an index of member offsets is built once per shard.
 """
 
 import hashlib
+import itertools
 import json
 import os
 import tarfile
@@ -17,31 +18,60 @@ import webdataset as wds
 MANIFEST = "manifest.json"
 
 
+def _hash_record(digest, record: dict) -> None:
+    digest.update(record["__key__"].encode() + b"\n")
+    for ext in sorted(k for k in record if not k.startswith("__")):
+        digest.update(f"{ext} {len(record[ext])}\n".encode())
+        digest.update(record[ext])
+
+
+def write_shard(records, path: str | os.PathLike) -> dict:
+    """Write records into one tar shard; returns ``{"name", "samples", "bytes", "sha256"}``.
+
+    The tar is written aside and renamed, so a shard that exists is complete. ``sha256`` hashes the
+    records (keys, extensions, bytes), not the tar layout.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    digest, samples = hashlib.sha256(), 0
+    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:  # fixed mtime: same records, same bytes
+        for record in records:
+            key = record["__key__"]
+            if "." in key or "/" in key:
+                raise ValueError(f"sample key {key!r} must not contain '.' or '/' (readers split names at the dot)")
+            writer.write(record)
+            _hash_record(digest, record)
+            samples += 1
+    os.replace(tmp, path)
+    return {"name": path.name, "samples": samples, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def build_manifest(shards: list[dict], skipped: list[dict] | None = None, **extra) -> dict:
+    """The manifest of a shard set; its ``sha256`` hashes the shards' hashes in order."""
+    digest = hashlib.sha256("".join(shard["sha256"] for shard in shards).encode())
+    return {"samples": sum(shard["samples"] for shard in shards), "shards": shards, "sha256": digest.hexdigest(),
+            "skipped": skipped or [], **extra}
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write JSON aside and rename, so readers never see half a file."""
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def write_shards(records, out_dir: str | os.PathLike, shard_size: int, prefix: str = "shard") -> dict:
-    """Write an iterable of webdataset records into ``out_dir/prefix-NNNNNN.tar`` plus a manifest."""
+    """Write an iterable of webdataset records into ``out_dir/prefix-NNNNNN.tar`` plus a manifest.
+
+    For the same records this writes the shards (and content hash) that ``data_prep`` writes.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards, count, digest = [], 0, hashlib.sha256()
-    writer = None
-    for record in records:
-        if count % shard_size == 0:
-            if writer is not None:
-                writer.close()
-            name = f"{prefix}-{len(shards):06d}.tar"
-            shards.append({"name": name, "samples": 0})
-            writer = wds.TarWriter(str(out / name))
-        writer.write(record)
-        shards[-1]["samples"] += 1
-        digest.update(record["__key__"].encode())
-        for ext in sorted(k for k in record if not k.startswith("__")):
-            digest.update(record[ext])
-        count += 1
-    if writer is not None:
-        writer.close()
-    for shard in shards:
-        shard["bytes"] = (out / shard["name"]).stat().st_size
-    manifest = {"samples": count, "shards": shards, "sha256": digest.hexdigest(), "skipped": []}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    records, shards = iter(records), []
+    while batch := list(itertools.islice(records, shard_size)):
+        shards.append(write_shard(batch, out / f"{prefix}-{len(shards):06d}.tar"))
+    manifest = build_manifest(shards)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 

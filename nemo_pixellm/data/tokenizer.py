@@ -18,6 +18,7 @@ class PixelTokenizer:
         self.tok = tokenizer
         self.pad_id, self.eos_id, self.image_id = (tokenizer.token_to_id(t) for t in (PAD, EOS, IMAGE))
         self.user_id, self.assistant_id = tokenizer.token_to_id(USER), tokenizer.token_to_id(ASSISTANT)
+        self.system_id = tokenizer.token_to_id(SYSTEM)
 
     @property
     def vocab_size(self) -> int:

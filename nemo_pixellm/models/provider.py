@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from megatron.bridge.models.mla_provider import MLAModelProvider
+from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_pixellm.export.hf_siglip import load_siglip_tower
@@ -17,6 +18,10 @@ from nemo_pixellm.models.pixellm import PixelLMModel
 from nemo_pixellm.models.specs import decoder_block_spec
 
 MODULE_NAMES = ("vision_model", "projector", "language_model")
+
+# Checkpoints store this provider as their model config: let Bridge's loaders (load_megatron_model, ...)
+# instantiate it back.
+register_allowed_target_prefix("nemo_pixellm")
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

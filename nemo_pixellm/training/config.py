@@ -7,6 +7,7 @@ not have is an error that names the closest valid keys, before anything is built
 import dataclasses
 import difflib
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ SECTIONS = {
     "rng": RNGConfig,
     "validation": ValidationConfig,
 }
-TOP_LEVEL = set(SECTIONS) | {"stage", "seq_length", "run_dir", "mixed_precision", "variant_name", "lr_scale", "progressive_resolution"}
+TOP_LEVEL = set(SECTIONS) | {"stage", "seq_length", "run_dir", "mixed_precision", "variant_name", "lr_scale", "progressive_resolution", "ema"}
 
 if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
@@ -120,7 +121,12 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
     if dist_values.get("distributed_backend") is None:
         dist_values["distributed_backend"] = "gloo" if cpu else "nccl"
 
-    train = TrainingConfig(**sections["train"])
+    train_values = sections["train"]
+    if isinstance(train_values.get("exit_signal"), str):  # a name in the YAML; Bridge installs a handler for the number
+        if train_values["exit_signal"] not in signal.Signals.__members__:
+            raise ConfigError(f"train.exit_signal={train_values['exit_signal']} is not a signal name (e.g. SIGUSR1)")
+        train_values["exit_signal"] = signal.Signals[train_values["exit_signal"]]
+    train = TrainingConfig(**train_values)
     dataset.global_batch_size = train.global_batch_size
     decay = sections["scheduler"].get("lr_decay_iters")
     if decay is not None and train.train_iters > decay:

@@ -1,5 +1,6 @@
 """Console progress (step, loss, learning rate, tokens/s, time left) every ``logger.log_interval`` steps,
-and every step's loss at full precision in ``<run_dir>/metrics.jsonl`` for scripts and tests."""
+and every step's loss at full precision in ``<run_dir>/metrics.jsonl`` for scripts and tests, with the keys
+of the samples this rank trained on in that step (the data order, checked across resumes)."""
 
 import json
 import time
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import torch
 from megatron.bridge.training.callbacks import Callback
+
+from nemo_pixellm.training import step as step_module
 
 
 def _is_last_rank() -> bool:
@@ -24,6 +27,8 @@ class ProgressCallback(Callback):
 
     def on_train_step_end(self, context) -> None:
         cfg, step = context.state.cfg, context.state.train_state.step + 1  # the loop counts it after callbacks
+        keys = list(step_module.seen_sample_keys)
+        step_module.seen_sample_keys.clear()
         if not _is_last_rank() or not context.loss_dict:
             return
         loss = float(context.loss_dict.get("lm loss", float("nan")))
@@ -31,7 +36,8 @@ class ProgressCallback(Callback):
         if self.metrics_file is not None:
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
             with self.metrics_file.open("a") as f:
-                f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "time": time.time()}) + "\n")
+                row = {"step": step, "loss": loss, "lr": lr, "time": time.time(), "samples": keys}
+                f.write(json.dumps(row) + "\n")
         if step % cfg.logger.log_interval and step != cfg.train.train_iters:
             return
         elapsed = time.time() - self._t0

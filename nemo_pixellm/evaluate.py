@@ -1,0 +1,156 @@
+"""Held-out evaluation of a checkpoint: exact-match VQA accuracy per question type, caption loss/perplexity.
+
+    python -m nemo_pixellm.evaluate checkpoint=<checkpoint.save dir> [samples=200] [blind=true] [ema=false]
+
+The model and its data config come from the checkpoint (Bridge's loader and run config); questions come
+from the held-out split the training never saw. ``blind=true`` replaces every image with a blank (mean
+colour) one: the text-only baseline. ``chance`` is the accuracy of always giving the most frequent answer
+of each question type. Greedy decoding unless ``temperature`` > 0 (then ``top_k`` / ``top_p`` apply).
+"""
+
+import json
+import math
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import nemo_pixellm  # noqa: F401  (CPU layer)
+
+
+@dataclass
+class EvalArgs:
+    checkpoint: str = "???"
+    samples: int = 200  # held-out images; every question of each is asked
+    blind: bool = False
+    ema: bool = True  # use the EMA weights when the checkpoint has them
+    batch_size: int = 16
+    max_new_tokens: int = 6
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def iteration_dir(checkpoint: str) -> Path:
+    path = Path(checkpoint)
+    latest = path / "latest_checkpointed_iteration.txt"
+    if latest.is_file():
+        return path / f"iter_{int(latest.read_text()):07d}"
+    if path.name.startswith("iter_") and path.is_dir():
+        return path
+    raise FileNotFoundError(f"{path} is not a checkpoint (no latest_checkpointed_iteration.txt): give a checkpoint.save dir")
+
+
+def load(checkpoint: str):
+    """(model in eval mode, its PixelLMDataConfig) from a Bridge checkpoint written by nemo_pixellm.train."""
+    from megatron.bridge.training.checkpointing import get_checkpoint_run_config_filename, read_run_config
+    from megatron.bridge.training.model_load_save import load_megatron_model
+    from megatron.bridge.utils.instantiate_utils import instantiate
+
+    import nemo_pixellm.models.provider  # noqa: F401  (lets Bridge instantiate the provider)
+
+    from nemo_pixellm.distributed import single_process_groups
+
+    directory = iteration_dir(checkpoint)
+    single_process_groups()  # the model keeps these groups (Bridge's temporary context would tear its own down)
+    model = load_megatron_model(str(directory), use_cpu_init=True, skip_temp_dist_context=True)
+    model = (model[0] if isinstance(model, list) else model).eval()
+    data_config = instantiate(read_run_config(get_checkpoint_run_config_filename(str(directory)))["dataset"])
+    return model, data_config, directory
+
+
+def ask_questions(model, data_config, tokenizer, args: EvalArgs) -> list[dict]:
+    from nemo_pixellm.data.samples import ShardSamples
+    from nemo_pixellm.generate import generate, prompt_from_sample
+
+    _, heldout = data_config.resolve_paths()
+    questions = ShardSamples(heldout, tokenizer, "vqa", data_config.patch_size, data_config.downsample,
+                             data_config.max_tiles)
+    jobs = []  # (index that selects the question, qa)
+    for image_index in range(min(args.samples, len(questions))):
+        qa_list = json.loads(questions.reader[image_index]["json"])["qa"]
+        for q_number, qa in enumerate(qa_list):
+            jobs.append((q_number * len(questions) + image_index, qa))  # vqa picks qa[index // len % n]
+    results = []
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        prompts = []
+        for index, _ in batch:
+            prompt = prompt_from_sample(questions.sample(index, data_config.image_size, data_config.seq_length))
+            if args.blind:
+                prompt.views = torch.zeros_like(prompt.views)  # mean colour after normalisation
+            prompts.append(prompt)
+        answers = generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, args.max_new_tokens,
+                           args.temperature, args.top_k, args.top_p)
+        for (_, qa), answer in zip(batch, answers):
+            said = tokenizer.decode(answer).strip()
+            results.append({"type": qa["type"], "q": qa["q"], "a": qa["a"], "said": said, "correct": said == qa["a"]})
+    return results
+
+
+def caption_loss(model, data_config, tokenizer, args: EvalArgs) -> float:
+    from nemo_pixellm.data.dataset import TrainingSequences
+    from nemo_pixellm.data.samples import ShardSamples
+
+    _, heldout = data_config.resolve_paths()
+    captions = TrainingSequences([ShardSamples(heldout, tokenizer, "caption", data_config.patch_size,
+                                               data_config.downsample, data_config.max_tiles)], [1.0], tokenizer,
+                                 data_config.seq_length, min(args.samples, 200), data_config.image_size)
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(captions), args.batch_size):
+            batch = captions.collate_fn([captions[i] for i in range(start, min(start + args.batch_size, len(captions)))])
+            images = torch.zeros_like(batch["images"]) if args.blind else batch["images"]
+            loss = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], images=images,
+                         image_grids=batch["image_grids"])
+            total += float((loss * batch["loss_mask"]).sum())
+            count += float(batch["loss_mask"].sum())
+    return total / max(count, 1.0)
+
+
+def summarize(results: list[dict]) -> dict:
+    by_type = defaultdict(list)
+    for r in results:
+        by_type[r["type"]].append(r)
+    summary = {}
+    for kind, rows in sorted(by_type.items()):
+        most_common = Counter(r["a"] for r in rows).most_common(1)[0][1]
+        summary[kind] = {"n": len(rows), "accuracy": sum(r["correct"] for r in rows) / len(rows),
+                         "chance": most_common / len(rows)}
+    summary["all"] = {"n": len(results), "accuracy": sum(r["correct"] for r in results) / max(len(results), 1)}
+    return summary
+
+
+def evaluate(args: EvalArgs) -> dict:
+    from nemo_pixellm.training.ema import load_ema_into
+
+    model, data_config, directory = load(args.checkpoint)
+    ema_used = load_ema_into(model, directory) if args.ema else False
+    tokenizer = data_config.load_tokenizer()
+    results = ask_questions(model, data_config, tokenizer, args)
+    loss = caption_loss(model, data_config, tokenizer, args)
+    return {"checkpoint": str(directory), "blind": args.blind, "ema": ema_used, "vqa": summarize(results),
+            "caption_loss": loss, "caption_perplexity": math.exp(min(loss, 50.0))}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = OmegaConf.merge(OmegaConf.structured(EvalArgs), OmegaConf.from_dotlist(argv))
+    except Exception as err:  # omegaconf names the bad key or value
+        sys.exit(f"error: {err}")
+    if OmegaConf.is_missing(args, "checkpoint"):
+        sys.exit("error: give checkpoint=<a checkpoint.save directory>")
+    report = evaluate(OmegaConf.to_object(args))
+    print(json.dumps(report))
+    print(f"{'type':10s} {'n':>5s} {'accuracy':>9s} {'chance':>7s}")
+    for kind, row in report["vqa"].items():
+        print(f"{kind:10s} {row['n']:5d} {row['accuracy']:9.1%} {row.get('chance', float('nan')):7.1%}")
+    print(f"caption loss {report['caption_loss']:.4f} (perplexity {report['caption_perplexity']:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Run the training stages in order, each from the previous stage's checkpoint, then evaluate each one.
+
+    python -m nemo_pixellm.pipeline stages=[stage1,stage1_5,stage2,stage3] root=runs/chain \
+        [steps=[200,200,400,400]] [eval_samples=200] [any training override, e.g. ema.enabled=true]
+
+Every stage is a ``python -m nemo_pixellm.train`` process with its own stage config (data, frozen set,
+learning rate, schedule) plus ``train.train_iters``/``scheduler.lr_decay_iters`` from ``steps`` and every
+other argument as a training override; stage k > 1 gets ``stage.init_from=<root>/<stage k-1>/checkpoints``.
+Prints one row per stage: steps, wall time, final training loss, held-out VQA accuracy.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+DEFAULT_STAGES = ["stage1", "stage1_5", "stage2", "stage3"]
+
+
+def stage_command(stage: str, steps: int, run_dir: Path, init_from: Path | None, extra: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "nemo_pixellm.train", f"+stage={stage}", f"run_dir={run_dir}",
+               f"checkpoint.save={run_dir / 'checkpoints'}", f"train.train_iters={steps}",
+               f"scheduler.lr_decay_iters={steps}", *extra]
+    if init_from is not None:
+        command.append(f"stage.init_from={init_from}")
+    return command
+
+
+def final_loss(run_dir: Path) -> float:
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(rows[-1])["loss"]
+
+
+def run(stages: list[str], root: Path, steps: list[int], extra: list[str], eval_samples: int) -> list[dict]:
+    if len(steps) != len(stages):
+        raise SystemExit(f"error: steps has {len(steps)} entries for {len(stages)} stages")
+    rows, previous = [], None
+    for stage, n in zip(stages, steps):
+        run_dir = root / stage
+        start = time.time()
+        subprocess.run(stage_command(stage, n, run_dir, previous, extra), check=True, env=os.environ.copy())
+        wall = time.time() - start
+        row = {"stage": stage, "steps": n, "wall_s": round(wall, 1), "final_loss": final_loss(run_dir)}
+        if eval_samples:
+            output = subprocess.run([sys.executable, "-m", "nemo_pixellm.evaluate",
+                                     f"checkpoint={run_dir / 'checkpoints'}", f"samples={eval_samples}"],
+                                    check=True, capture_output=True, text=True).stdout.splitlines()
+            report = json.loads(next(line for line in output if line.startswith('{"checkpoint"')))
+            row["heldout_accuracy"] = report["vqa"]["all"]["accuracy"]
+        rows.append(row)
+        previous = run_dir / "checkpoints"
+    return rows
+
+
+PIPELINE_KEYS = ("stages", "steps", "root", "eval_samples")
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    own = [a for a in argv if a.split("=", 1)[0] in PIPELINE_KEYS]
+    args = OmegaConf.from_dotlist(own)
+    stages = list(args.get("stages", DEFAULT_STAGES))
+    steps = list(args.get("steps", [100] * len(stages)))
+    rows = run(stages, Path(args.get("root", "runs/chain")), steps, [a for a in argv if a not in own],
+               int(args.get("eval_samples", 200)))
+    print(f"{'stage':10s} {'steps':>6s} {'wall s':>8s} {'final loss':>11s} {'held-out acc':>13s}")
+    for r in rows:
+        acc = f"{r['heldout_accuracy']:.1%}" if "heldout_accuracy" in r else "-"
+        print(f"{r['stage']:10s} {r['steps']:6d} {r['wall_s']:8.1f} {r['final_loss']:11.4f} {acc:>13s}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
