@@ -32,6 +32,7 @@ class EvalArgs:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    use_cache: bool = True  # MLA latent KV cache (1 process); false reruns the sequence per token
 
 
 def iteration_dir(checkpoint: str) -> Path:
@@ -84,7 +85,7 @@ def ask_questions(model, data_config, tokenizer, args: EvalArgs) -> list[dict]:
                 prompt.views = torch.zeros_like(prompt.views)  # mean colour after normalisation
             prompts.append(prompt)
         answers = generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, args.max_new_tokens,
-                           args.temperature, args.top_k, args.top_p)
+                           args.temperature, args.top_k, args.top_p, use_cache=args.use_cache)
         for (_, qa), answer in zip(batch, answers):
             said = tokenizer.decode(answer).strip()
             results.append({"type": qa["type"], "q": qa["q"], "a": qa["a"], "said": said, "correct": said == qa["a"]})

@@ -34,13 +34,17 @@ def run(cfg: DictConfig) -> None:
 
     from nemo_pixellm.training.config import build_config
     from nemo_pixellm.training.ema import EMACallback
+    from nemo_pixellm.training.vqa_eval import VQAEvalCallback
     from nemo_pixellm.training.progress import ProgressCallback
     from nemo_pixellm.training.step import forward_step
 
     container = build_config(cfg)
     callbacks = [ProgressCallback(cfg.run_dir)]
-    if cfg.get("ema") and cfg.ema.enabled:
-        callbacks.append(EMACallback(cfg.ema.decay, cfg.ema.start_step))
+    ema = EMACallback(cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
+    if ema is not None:
+        callbacks.append(ema)
+    if cfg.vqa_eval.interval:
+        callbacks.append(VQAEvalCallback(cfg.vqa_eval.interval, cfg.vqa_eval.samples, ema))
     pretrain(container, forward_step, callbacks=callbacks)
 
 

@@ -31,9 +31,9 @@ def _prompts(generator) -> list[Prompt]:
 
 def test_batched_greedy_equals_one_by_one_and_argmax_loop(model):
     prompts = _prompts(torch.Generator().manual_seed(0))
-    batched = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=5)
+    batched = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=5, use_cache=False)
     for prompt, out in zip(prompts, batched):
-        assert generate(model, [prompt], eos_id=1, pad_id=0, max_new_tokens=5) == [out]
+        assert generate(model, [prompt], eos_id=1, pad_id=0, max_new_tokens=5, use_cache=False) == [out]
         tokens = list(prompt.tokens)
         with torch.no_grad():
             for _ in range(5):
@@ -42,6 +42,24 @@ def test_batched_greedy_equals_one_by_one_and_argmax_loop(model):
                 tokens.append(int(logits[0, -1].argmax()))
         assert tokens[len(prompt.tokens):] == out
     assert len({tuple(o) for o in batched}) > 1  # the prompts lead to different continuations
+
+
+def test_latent_cache_decoding_equals_full_recompute(model):
+    """MLA's latent cache (c_kv + rotated rope key per token) gives the tokens of rerunning the sequence,
+    greedy and sampled, for a right-padded batch whose rows have different prompt lengths."""
+    prompts = _prompts(torch.Generator().manual_seed(1))
+    for sampling in ({}, {"temperature": 1.0, "top_k": 20, "seed": 3}):
+        cached_scores, full_scores = [], []
+        cached = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=6, scores=cached_scores, **sampling)
+        full = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=6, use_cache=False, scores=full_scores,
+                        **sampling)
+        assert cached == full and sum(map(len, full)) >= 12
+        assert len(cached_scores) == len(full_scores) >= 2
+        for step, (c, f) in enumerate(zip(cached_scores, full_scores)):
+            active = [i for i, out in enumerate(full) if step <= len(out)]  # rows that had not ended yet
+            torch.testing.assert_close(c[active], f[active], rtol=1e-5, atol=1e-5)
+    layers = [m for m in model.modules() if hasattr(m, "latent_cache")]
+    assert layers and all(m.latent_cache is None for m in layers)  # the cache lives only during generate()
 
 
 def test_sampling_filters():

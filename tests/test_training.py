@@ -108,8 +108,14 @@ def test_progressive_resolution_switches_during_a_run(cache_dir, tmp_path):
 def test_ema_follows_its_formula_and_survives_resume(cache_dir, tmp_path):
     """ema_t = d * ema_(t-1) + (1 - d) * w_t on the saved weights, and a resumed run writes the same EMA."""
     ema = ["ema.enabled=true", "ema.decay=0.5", "checkpoint.save_interval=1", "train.train_iters=3"]
-    run_train(["+stage=stage2", *QUICK, *ema, f"checkpoint.save={tmp_path / 'a'}", f"run_dir={tmp_path / 'ra'}"],
-              cache_dir)
+    proc = run_train(["+stage=stage2", *QUICK, *ema, f"checkpoint.save={tmp_path / 'a'}", f"run_dir={tmp_path / 'ra'}",
+                      "vqa_eval.interval=3", "vqa_eval.samples=2"], cache_dir)
+    # Periodic held-out VQA (on the EMA weights): on the console and in TensorBoard.
+    assert sum("held-out VQA accuracy" in line for line in proc.stdout.splitlines()) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "ra" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("vqa/all")] == [3]
     ema_at = {t: torch.load(tmp_path / "a" / f"iter_{t:07d}" / "ema_rank00000.pt") for t in (1, 2, 3)}
     weights = checkpoint_tensors(tmp_path / "a", tmp_path)  # step 3
     names = [n for n in ema_at[3] if n.startswith("projector.")]

@@ -108,12 +108,43 @@ class PositionalRotary(torch.nn.Module):
         return (emb, mscale) if mscale is not None else emb
 
 
+class LatentCache:
+    """MLA's decoding cache: per token only the normalised KV latent c_kv [kv_lora_rank] and the rotated
+    shared rope key [rope_dim]; keys and values of every head are re-expanded from it at each step."""
+
+    def __init__(self):
+        self.latent = self.rope_key = None  # [slots, b, kv_lora_rank], [slots, b, rope_dim]
+
+    def append(self, latent: torch.Tensor, rope_key: torch.Tensor):
+        if self.latent is None:
+            self.latent, self.rope_key = latent, rope_key
+        else:
+            self.latent = torch.cat([self.latent, latent])
+            self.rope_key = torch.cat([self.rope_key, rope_key])
+        return self.latent, self.rope_key
+
+
 class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
-    """MLA whose decoupled rope slice uses the position ids given to the model (see module docstring)."""
+    """MLA whose decoupled rope slice uses the position ids given to the model (see module docstring), with
+    an optional latent KV cache for decoding (Megatron caches MLA latents only in its GPU dynamic engine)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rotary_pos_emb = PositionalRotary(self.rotary_pos_emb, self.config.mrope_section)
+        self.latent_cache: LatentCache | None = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        query, key, value, q_compressed, kv_compressed = super().get_query_key_value_tensors(*args, **kwargs)
+        if self.latent_cache is None:
+            return query, key, value, q_compressed, kv_compressed
+        # Cache this step's latents, then expand keys / values of all cached tokens from them.
+        qk_dim, heads = self.config.qk_head_dim, self.num_attention_heads_per_partition
+        latent, rope_key = self.latent_cache.append(kv_compressed, key[:, :, 0, qk_dim:])
+        kv, _ = self.linear_kv_up_proj(latent)
+        kv = kv.view(*latent.shape[:2], heads, qk_dim + self.config.v_head_dim)
+        key_nope, value = torch.split(kv, [qk_dim, self.config.v_head_dim], dim=-1)
+        key = torch.cat([key_nope, rope_key.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
+        return query, key.contiguous(), value.contiguous(), q_compressed, kv_compressed
 
     @contextlib.contextmanager
     def positions(self, position_ids: torch.Tensor | None):

@@ -46,7 +46,7 @@ SECTIONS = {
     "rng": RNGConfig,
     "validation": ValidationConfig,
 }
-TOP_LEVEL = set(SECTIONS) | {"stage", "seq_length", "run_dir", "mixed_precision", "variant_name", "lr_scale", "progressive_resolution", "ema"}
+TOP_LEVEL = set(SECTIONS) | {"stage", "seq_length", "run_dir", "mixed_precision", "variant_name", "lr_scale", "progressive_resolution", "ema", "vqa_eval"}
 
 if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))

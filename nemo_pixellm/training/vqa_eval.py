@@ -1,0 +1,63 @@
+"""Held-out VQA accuracy during training (the same questions and decoding as ``nemo_pixellm.evaluate``),
+every ``vqa_eval.interval`` steps: printed and written to TensorBoard as ``vqa/<type>``. With EMA on, the
+EMA weights are evaluated (swapped in for the evaluation, then swapped back)."""
+
+import contextlib
+
+
+import torch
+from megatron.bridge.training.callbacks import Callback
+
+from nemo_pixellm.evaluate import EvalArgs, ask_questions, summarize
+from nemo_pixellm.training.ema import trainable_parameters
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):  # DDP / Float16Module
+        module = module.module
+    return module
+
+
+class VQAEvalCallback(Callback):
+    def __init__(self, interval: int, samples: int, ema=None):
+        self.interval, self.args, self.ema = interval, EvalArgs(samples=samples), ema
+
+    @contextlib.contextmanager
+    def _ema_weights(self, model_chunks):
+        if self.ema is None:
+            yield
+            return
+        params = trainable_parameters(model_chunks)
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.ema.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+
+    def on_train_step_end(self, context) -> None:
+        step = context.state.train_state.step + 1  # the loop counts the step after callbacks
+        if step % self.interval:
+            return
+        if len(context.model) > 1 or context.state.cfg.model.pipeline_model_parallel_size > 1:
+            raise ValueError("vqa_eval.interval needs pipeline_model_parallel_size=1: evaluate checkpoints instead")
+        data_config = context.state.cfg.dataset
+        self.args.use_cache = context.state.cfg.model.tensor_model_parallel_size == 1
+        model = _unwrap(context.model[0])
+        model.eval()
+        try:  # every rank decodes the same questions (tensor / expert parallel layers need all of them)
+            with self._ema_weights(context.model):
+                summary = summarize(ask_questions(model, data_config, data_config.load_tokenizer(), self.args))
+        finally:
+            model.train()
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+            per_type = " ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items())
+            print(f"[pixellm] step {step}: held-out VQA accuracy {per_type}", flush=True)
+            writer = context.state.tensorboard_logger
+            if writer is not None:
+                for kind, row in summary.items():
+                    writer.add_scalar(f"vqa/{kind}", row["accuracy"], step)
