@@ -27,19 +27,7 @@ class Prompt:
 
 def prompt_from_sample(sample: Sample) -> Prompt:
     """The segments of ``sample`` up to its first loss-carrying segment (the answer)."""
-    tokens, blocks, views, grids = [], [], [], []
-    for segment in sample.segments:
-        if segment[0] == "text" and segment[2]:
-            break
-        if segment[0] == "image":
-            layout = segment[1]
-            tokens += [segment[2]] * layout.tokens
-            blocks += layout.blocks
-            views += [tiling.to_tensor(v) for v in tiling.tile_image(sample.image, layout, sample.tile)]
-            grids.append(layout.grid)
-        else:
-            tokens += segment[1]
-            blocks.append(("text", len(segment[1])))
+    tokens, _, blocks, views, grids = sample.flatten(sample.num_tokens, prompt_only=True)
     tile = sample.tile or 1
     return Prompt(tokens, blocks, torch.stack(views) if views else torch.zeros(0, 3, tile, tile),
                   torch.tensor(grids, dtype=torch.long).view(-1, 2))

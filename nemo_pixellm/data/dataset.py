@@ -130,25 +130,7 @@ def build_sequence(samples: list[tuple[int, Sample]], seq_length: int, pad_id: i
     """Concatenate samples (cut at seq_length, never inside an image), then pad; see the module docstring."""
     tokens, labels, loss, positions, segment_ids, views, grids, info = [], [], [], [], [], [], [], []
     for number, (source, sample) in enumerate(samples):
-        ids, carries, blocks = [], [], []
-        for segment in sample.segments:
-            room = seq_length - len(tokens) - len(ids)
-            if segment[0] == "image":
-                layout = segment[1]
-                if layout.tokens > room:
-                    break
-                ids += [segment[2]] * layout.tokens
-                carries += [0.0] * layout.tokens
-                blocks += layout.blocks
-                views += [tiling.to_tensor(v) for v in tiling.tile_image(sample.image, layout, sample.tile)]
-                grids.append(layout.grid)
-            else:
-                part = segment[1][:room]
-                ids += part
-                carries += [float(segment[2])] * len(part)
-                blocks.append(("text", len(part)))
-            if room <= 0:
-                break
+        ids, carries, blocks, sample_views, sample_grids = sample.flatten(seq_length - len(tokens))
         if not ids:
             break
         tokens += ids
@@ -156,6 +138,8 @@ def build_sequence(samples: list[tuple[int, Sample]], seq_length: int, pad_id: i
         loss += carries[1:] + [0.0]
         positions.append(tiling.mrope_positions(blocks))
         segment_ids += [number] * len(ids)
+        views += sample_views
+        grids += sample_grids
         info.append((source, sample.key, len(ids)))
     pad = seq_length - len(tokens)
     positions.append(tiling.mrope_positions([("text", pad)], start=len(tokens)))

@@ -36,7 +36,42 @@ class Sample:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s[1].tokens if s[0] == "image" else len(s[1]) for s in self.segments)
+        return sum(segment_length(s) for s in self.segments)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Positions that carry no loss: images, prompts, chat-template tokens."""
+        return sum(segment_length(s) for s in self.segments if s[0] == "image" or not s[2])
+
+    def flatten(self, room: int, prompt_only: bool = False):
+        """(ids, loss flags, M-RoPE blocks, view tensors, tile grids) of at most ``room`` tokens, never cut
+        inside an image; ``prompt_only`` stops before the first loss-carrying segment (the answer)."""
+        ids, carries, blocks, views, grids = [], [], [], [], []
+        for segment in self.segments:
+            if prompt_only and segment[0] == "text" and segment[2]:
+                break
+            left = room - len(ids)
+            if segment[0] == "image":
+                layout = segment[1]
+                if layout.tokens > left:
+                    break
+                ids += [segment[2]] * layout.tokens
+                carries += [0.0] * layout.tokens
+                blocks += layout.blocks
+                views += [tiling.to_tensor(v) for v in tiling.tile_image(self.image, layout, self.tile)]
+                grids.append(layout.grid)
+            else:
+                part = segment[1][:left]
+                ids += part
+                carries += [float(segment[2])] * len(part)
+                blocks.append(("text", len(part)))
+                if len(part) < len(segment[1]):
+                    break
+        return ids, carries, blocks, views, grids
+
+
+def segment_length(segment: tuple) -> int:
+    return segment[1].tokens if segment[0] == "image" else len(segment[1])
 
 
 class ShardSamples:
@@ -67,9 +102,7 @@ class ShardSamples:
             layout = None if image is None else tiling.image_layout(
                 *image.size, tile=tile, patch=self.patch_size, downsample=self.downsample, max_tiles=max_tiles)
             sample = Sample(raw["__key__"], self._segments(meta, index, layout), image, tile)
-            prompt = sum(s[1].tokens if s[0] == "image" else len(s[1]) for s in sample.segments
-                         if s[0] == "image" or not s[2])
-            if prompt < max_tokens:
+            if sample.prompt_tokens < max_tokens:
                 break
         return sample
 

@@ -7,15 +7,10 @@ import contextlib
 
 import torch
 from megatron.bridge.training.callbacks import Callback
+from megatron.core.utils import unwrap_model
 
 from nemo_pixellm.evaluate import EvalArgs, ask_questions, summarize
 from nemo_pixellm.training.ema import trainable_parameters
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):  # DDP / Float16Module
-        module = module.module
-    return module
 
 
 class VQAEvalCallback(Callback):
@@ -47,7 +42,7 @@ class VQAEvalCallback(Callback):
             raise ValueError("vqa_eval.interval needs pipeline_model_parallel_size=1: evaluate checkpoints instead")
         data_config = context.state.cfg.dataset
         self.args.use_cache = context.state.cfg.model.tensor_model_parallel_size == 1
-        model = _unwrap(context.model[0])
+        model = unwrap_model(context.model[0])
         model.eval()
         try:  # every rank decodes the same questions (tensor / expert parallel layers need all of them)
             with self._ema_weights(context.model):
