@@ -17,6 +17,7 @@ unless convert sets ``__key__``; ``where`` locates the item in the input for the
 """
 
 import argparse
+from functools import partial
 import hashlib
 import io
 import json
@@ -197,6 +198,30 @@ def text_field(entry: dict, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise Skip(f"field {name!r} missing or not a non-empty string")
     return value
+
+
+def record_with_image(meta: dict, images_dir: Path, image: str | None) -> dict:
+    """A record: the metadata as json, plus the image as jpg when the entry has one."""
+    record = {"json": json_bytes(meta)}
+    if image:
+        record["jpg"] = load_jpeg(images_dir, image)
+    return record
+
+
+def json_records_main(argv, description: str, tool: str, input_flag: str, input_help: str, convert) -> dict:
+    """The CLI of a converter from a JSON / JSONL file of entries with optional image paths:
+    ``convert(entry, images_dir) -> record`` (raising Skip for entries to leave out)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(f"--{input_flag}", required=True, help=input_help)
+    parser.add_argument("--images", help="directory the image paths are relative to (default: the input file's)")
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    path = input_file(parser, getattr(args, input_flag))
+    images_dir = input_dir(parser, args.images) if args.images else path.parent
+    items, skipped = read_json_records(parser, path)
+    job = Job(tool=tool, items=items, convert=partial(convert, images_dir=images_dir),
+              settings={input_flag: {path.name: file_sha256(path)}}, skipped=skipped)
+    return run(job, args)
 
 
 def json_bytes(meta: dict) -> bytes:

@@ -13,8 +13,6 @@ Skipped and listed in the manifest: malformed entries or turns, placeholders wit
 than one, and images that are missing or do not decode.
 """
 
-import argparse
-from functools import partial
 from pathlib import Path
 
 from data_prep import common
@@ -51,24 +49,12 @@ def convert(entry: dict, images_dir: Path) -> dict:
     image = common.image_path(entry, "image")
     conversations = check_conversations(entry, has_image=image is not None)
     meta = {"id": entry.get("id"), **({"image": image} if image else {}), "conversations": conversations}
-    record = {"json": common.json_bytes(meta)}
-    if image:
-        record["jpg"] = common.load_jpeg(images_dir, image)
-    return record
+    return common.record_with_image(meta, images_dir, image)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="LLaVA-Instruct JSON list or JSONL")
-    parser.add_argument("--images", help="directory the image paths are relative to (default: the data file's)")
-    common.add_output_args(parser)
-    args = parser.parse_args(argv)
-    data_file = common.input_file(parser, args.data)
-    images_dir = common.input_dir(parser, args.images) if args.images else data_file.parent
-    items, skipped = common.read_json_records(parser, data_file)
-    job = common.Job(tool="llava", items=items, convert=partial(convert, images_dir=images_dir),
-                     settings={"data": {data_file.name: common.file_sha256(data_file)}}, skipped=skipped)
-    return common.run(job, args)
+    return common.json_records_main(argv, __doc__.splitlines()[0], "llava", "data", "LLaVA-Instruct JSON list or JSONL",
+                                    convert)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ Skipped and listed in the manifest: malformed records, pairs whose chosen and re
 same, and images that are missing or do not decode.
 """
 
-import argparse
-from functools import partial
 from pathlib import Path
 
 from data_prep import common
@@ -28,24 +26,12 @@ def convert(entry: dict, images_dir: Path) -> dict:
     image = common.image_path(entry, "image", "image_path")
     meta = {"question": question, "chosen": chosen, "rejected": rejected, **({"image": image} if image else {}),
             **{name: entry[name] for name in KEPT_FIELDS if name in entry}}
-    record = {"json": common.json_bytes(meta)}
-    if image:
-        record["jpg"] = common.load_jpeg(images_dir, image)
-    return record
+    return common.record_with_image(meta, images_dir, image)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="JSONL file or JSON list of preference pairs")
-    parser.add_argument("--images", help="directory the image paths are relative to (default: the input file's)")
-    common.add_output_args(parser)
-    args = parser.parse_args(argv)
-    input_file = common.input_file(parser, args.input)
-    images_dir = common.input_dir(parser, args.images) if args.images else input_file.parent
-    items, skipped = common.read_json_records(parser, input_file)
-    job = common.Job(tool="preference", items=items, convert=partial(convert, images_dir=images_dir),
-                     settings={"input": {input_file.name: common.file_sha256(input_file)}}, skipped=skipped)
-    return common.run(job, args)
+    return common.json_records_main(argv, __doc__.splitlines()[0], "preference", "input",
+                                    "JSONL file or JSON list of preference pairs", convert)
 
 
 if __name__ == "__main__":
