@@ -25,6 +25,9 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits for its old step credentials to expire (Slurm's default: 120 s; starting it earlier
+# fails with "Job credential revoked"): 15 s keeps the preemption test short.
+AuthInfo=cred_expire=15
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
