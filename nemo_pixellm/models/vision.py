@@ -24,7 +24,8 @@ class VisionTower(MegatronModule):
         width = config.hidden_size
         self.patch_embedding = torch.nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
         self.position_embedding = torch.nn.Parameter(torch.empty(self.base_grid * self.base_grid, width))
-        torch.nn.init.normal_(self.position_embedding, std=config.init_method_std)
+        # SigLIP's init (std 1/sqrt(width)): at Megatron's 0.02 the positions start invisible beside the patch features
+        torch.nn.init.normal_(self.position_embedding, std=width ** -0.5)
         self.encoder = TransformerBlock(
             config, vision_layer_spec(getattr(config, "use_te", None)), post_layer_norm=True, pg_collection=pg_collection
         )
