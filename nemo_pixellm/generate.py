@@ -64,15 +64,19 @@ def latent_kv_cache(model):
 class _Decoder:
     """Collects each row's new tokens until its end token."""
 
-    def __init__(self, rows: int, eos_id: int, temperature: float, top_k: int, top_p: float, seed: int, scores):
+    def __init__(self, rows: int, eos_id: int, temperature: float, top_k: int, top_p: float, seed: int, scores,
+                 image_id: int | None = None):
         self.outputs, self.done, self.scores = [[] for _ in range(rows)], [False] * rows, scores
-        self.eos_id, self.sampling = eos_id, (temperature, top_k, top_p)
+        self.eos_id, self.sampling, self.image_id = eos_id, (temperature, top_k, top_p), image_id
         self.generator = torch.Generator().manual_seed(seed)
 
     def step(self, last_logits: torch.Tensor) -> torch.Tensor:
         if self.scores is not None:
             self.scores.append(last_logits.float())
-        tokens = sample_next(last_logits.float(), *self.sampling, self.generator)
+        logits = last_logits.float()
+        if self.image_id is not None:  # an image placeholder has no image behind it: never emit one
+            logits = logits.index_fill(1, torch.tensor([self.image_id]), float("-inf"))
+        tokens = sample_next(logits, *self.sampling, self.generator)
         for i, token in enumerate(tokens.tolist()):
             if not self.done[i]:
                 if token == self.eos_id:
@@ -88,7 +92,8 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
              use_cache: bool = True, scores: list | None = None) -> list[list[int]]:
     """New tokens per prompt (without the end token). Right-padded batch; each row reads its own last logit.
     ``scores``: a list that receives each step's next-token logits [b, vocab]."""
-    decoder = _Decoder(len(prompts), eos_id, temperature, top_k, top_p, seed, scores)
+    decoder = _Decoder(len(prompts), eos_id, temperature, top_k, top_p, seed, scores,
+                       getattr(model, "image_token_id", None))
     images = torch.cat([p.views for p in prompts])
     images = images if images.shape[0] else None
     grids = torch.cat([p.grids for p in prompts])
