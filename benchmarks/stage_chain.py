@@ -1,6 +1,7 @@
 """The tiny variant through stages 1 -> 1.5 -> 2 -> 3 on 2 CPU cores, with held-out VQA beside its baselines.
 
     .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 200 300 2500 5000] [--samples 200]
+        [training overrides for every stage, e.g. model.rotary_base=10]
 
 Runs ``nemo_pixellm.pipeline`` with the recipe below (40,000 training images: with 4,000 the 5,000 stage-3
 steps memorise them; 112-pixel views: one LM token per cell of the scenes' 4x4 grid; global batch 32; EMA on), then evaluates on the held-out split (never trained on):
@@ -18,8 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ["dataset.synthetic_train_samples=40000", "dataset.image_size=112", "model.vision_image_size=112", "train.global_batch_size=32",
-          "train.micro_batch_size=32", "ema.enabled=true", "validation.eval_interval=null", "logger.log_interval=100"]
+RECIPE = ["dataset.synthetic_train_samples=40000", "dataset.image_size=112", "model.vision_image_size=112",
+          "train.global_batch_size=32", "train.micro_batch_size=32", "ema.enabled=true", "validation.eval_interval=null", "logger.log_interval=100"]
 TYPES = ("count", "colour", "position", "relation", "ocr", "chart")
 ASKED = ("count", "colour", "position", "ocr")  # the issue's target: counting, colours, positions, short OCR
 
@@ -41,12 +42,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=4, default=[200, 300, 2500, 5000])
     parser.add_argument("--samples", type=int, default=200, help="held-out images (all their questions)")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the chain already under --root")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()
+    recipe = RECIPE + overrides
 
     start = time.time()
     if not args.evaluate_only:
         subprocess.run([sys.executable, "-m", "nemo_pixellm.pipeline", "stages=[stage1,stage1_5,stage2,stage3]",
-                        f"steps=[{','.join(map(str, args.steps))}]", f"root={args.root}", "eval_samples=0", *RECIPE],
+                        f"steps=[{','.join(map(str, args.steps))}]", f"root={args.root}", "eval_samples=0", *recipe],
                        check=True, cwd=ROOT)
     chain_s = time.time() - start
     final = args.root / "stage3" / "checkpoints"
@@ -54,7 +56,7 @@ def main() -> None:
     untrained = args.root / "untrained"
     subprocess.run([sys.executable, "-m", "nemo_pixellm.train", "+stage=stage3", f"run_dir={untrained}",
                     f"checkpoint.save={untrained / 'checkpoints'}", "train.train_iters=1", "optimizer.lr=0",
-                    "optimizer.min_lr=0", *RECIPE], check=True, cwd=ROOT, capture_output=True)
+                    "optimizer.min_lr=0", *recipe], check=True, cwd=ROOT, capture_output=True)
 
     reports = {
         "chain, EMA weights": evaluate(final, args.samples, "ema=true"),
