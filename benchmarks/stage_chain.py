@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["dataset.synthetic_train_samples=40000", "dataset.image_size=112", "model.vision_image_size=112",
-          "train.global_batch_size=32", "train.micro_batch_size=32", "ema.enabled=true", "validation.eval_interval=null", "logger.log_interval=100"]
+          "train.global_batch_size=32", "train.micro_batch_size=32", "ema.enabled=true",
+          "validation.eval_interval=null", "logger.log_interval=100"]
 TYPES = ("count", "colour", "position", "relation", "ocr", "chart")
 ASKED = ("count", "colour", "position", "ocr")  # the target: counting, colours, positions, short OCR
 
