@@ -4,7 +4,8 @@
         [training overrides for every stage, e.g. model.rotary_base=10]
 
 Runs ``nemo_pixellm.pipeline`` with the recipe below (40,000 training images: with 4,000 the 5,000 stage-3
-steps memorise them; 112-pixel views: one LM token per cell of the scenes' 4x4 grid; global batch 32; EMA on), then evaluates on the held-out split (never trained on):
+steps memorise them; 112-pixel views: one LM token per cell of the scenes' 4x4 grid; global batch 32; EMA on),
+then evaluates on the held-out split (never trained on):
 - the final checkpoint with EMA weights and with the raw weights (the same run);
 - the same checkpoint with every image blanked (the text-only baseline: what the question alone gives);
 - an untrained model (one step at learning rate 0);
