@@ -1,7 +1,7 @@
 """The tiny variant through stages 1 -> 1.5 -> 2 -> 3 on 2 CPU cores, with held-out VQA beside its baselines.
 
     .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 200 300 2000 5000] [--samples 200]
-        [training overrides for every stage, e.g. model.rotary_base=10]
+        [training overrides for every stage, e.g. model.kv_lora_rank=32]
 
 Runs ``nemo_pixellm.pipeline`` with the recipe below (40,000 training images: with 4,000 the 5,000 stage-3
 steps memorise them; 112-pixel views: one LM token per cell of the scenes' 4x4 grid; packing: a conversation
