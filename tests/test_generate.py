@@ -63,17 +63,19 @@ def test_latent_cache_decoding_equals_full_recompute(model):
 
 
 def test_never_emits_the_image_placeholder(model):
-    """A model that prefers the image token (id 5) everywhere still decodes text: the placeholder has no image
+    """A model that prefers the image token everywhere still decodes text: the placeholder has no image
     behind it (an untrained model used to emit it and crash the cached step). The tokens are the best others."""
+    image_id = model.image_token_id
+
     def prefer_image_token(module, inputs, output):
         logits, bias = output
         logits = logits.clone()
-        logits[..., 5] += 1e4
+        logits[..., image_id] += 1e4
         return logits, bias
 
     prompts = _prompts(torch.Generator().manual_seed(2))
-    plain = [[]]
-    generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=1, use_cache=False, scores=plain[0])
+    plain_scores = []
+    generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=1, use_cache=False, scores=plain_scores)
     handle = model.language_model.output_layer.register_forward_hook(prefer_image_token)
     try:
         scores = []
@@ -81,10 +83,10 @@ def test_never_emits_the_image_placeholder(model):
         full = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=4, use_cache=False)
     finally:
         handle.remove()
-    assert bool((scores[0].argmax(-1) == 5).all())  # the hook made the placeholder every row's first choice
-    assert cached == full and all(5 not in out for out in full) and sum(map(len, full)) >= 6
-    best_other = plain[0][0].clone()
-    best_other[:, 5] = float("-inf")
+    assert bool((scores[0].argmax(-1) == image_id).all())  # the hook made the placeholder every row's first choice
+    assert cached == full and all(image_id not in out for out in full) and sum(map(len, full)) >= 6
+    best_other = plain_scores[0].clone()
+    best_other[:, image_id] = float("-inf")
     assert [out[0] for out in full] == best_other.argmax(-1).tolist()
 
 
