@@ -96,3 +96,39 @@ def test_group_limited_routing(megatron_single_process):
     picked = scores.gather(1, chosen)
     expected = torch.zeros_like(scores).scatter(1, chosen, picked / picked.sum(-1, keepdim=True))
     torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_sequence_wise_aux_loss_equals_the_formula(megatron_single_process):
+    """alpha * sum_i f_i * P_i per sequence (reference.md section 2), averaged over the micro-batch:
+    f_i = N_r / (K_r T) * tokens of the sequence whose top-K unbiased scores include i (DeepSeek-V3 eq. 18:
+    the indicator is on s, not s + bias), P_i = mean over the sequence of s_i / sum_j s_j. Checked on the loss
+    Megatron logs and on the router-weight gradient it feeds back."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    alpha, seq, batch = 1e-4, 16, 3
+    model = build_router_model(megatron_single_process, moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=alpha)
+    r = model.language_model.decoder.layers[1].mlp.router
+    x = torch.randn(seq, batch, HIDDEN, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.linspace(-0.5, 0.5, EXPERTS))  # large enough to change selections
+    clear_aux_losses_tracker()
+    r.train()
+    probs, _ = r(x)
+    (probs * 0).sum().backward()  # only the attached aux loss sends gradient to the router weight
+    r.eval()
+    # Megatron logs the loss divided by its coefficient.
+    logged = get_moe_layer_wise_logging_tracker()["seq_load_balancing_loss"]["values"][r.layer_number - 1] * alpha
+
+    weight = r.weight.detach().clone().requires_grad_(True)
+    losses = []
+    for b in range(batch):
+        scores = torch.sigmoid(x[:, b] @ weight.T)  # [T, E]
+        routed = torch.zeros(seq, EXPERTS).scatter(1, scores.topk(TOP_K, dim=-1).indices, 1.0)
+        f = routed.sum(0) * EXPERTS / (TOP_K * seq)
+        p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        losses.append(alpha * (f * p).sum())
+    expected = torch.stack(losses).mean()
+    expected.backward()
+    torch.testing.assert_close(logged, expected.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(r.weight.grad, weight.grad, rtol=1e-5, atol=1e-12)
+    assert weight.grad.abs().max() > 0
