@@ -49,6 +49,12 @@ class ReplicatedLinear(MegatronModule):
             return F.linear(x, self.weight), self.bias
         return F.linear(x, self.weight, self.bias), None
 
+    def get_extra_state(self) -> None:
+        return None  # TE's Linear keeps FP8 metadata here: an empty entry keeps checkpoints loadable on TE
+
+    def set_extra_state(self, state) -> None:
+        pass
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 

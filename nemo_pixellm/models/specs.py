@@ -10,6 +10,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -40,7 +41,25 @@ def decoder_block_spec(config, vp_stage: int | None = None) -> TransformerBlockS
             for slot in ("q_layernorm", "kv_layernorm", "k_layernorm"):
                 if hasattr(attention, slot) and getattr(attention, slot) is not IdentityOp:
                     setattr(attention, slot, norm)
+            layer.submodules.sharded_state_dict_keys_map = te_checkpoint_names(sub)
     return block
+
+
+def te_checkpoint_names(layer: TransformerLayerSubmodules) -> dict[str, str]:
+    """Where Transformer Engine's spec fuses a norm into the linear after it, the local layer's distributed
+    checkpoint stores that norm under TE's name (``<linear>.layer_norm_weight``), so one checkpoint loads on
+    either backend. Megatron's local GPT spec does this for its own fused norms, not for MLA's or the dense
+    MLP's; the fusions mirrored are those of get_gpt_layer_with_transformer_engine_submodules."""
+    names = {}
+    attention = layer.self_attention.submodules
+    if getattr(attention, "q_layernorm", IdentityOp) is not IdentityOp and hasattr(attention, "linear_q_up_proj"):
+        names["self_attention.q_layernorm."] = "self_attention.linear_q_up_proj.layer_norm_"
+    if getattr(attention, "kv_layernorm", IdentityOp) is not IdentityOp:
+        names["self_attention.kv_layernorm."] = "self_attention.linear_kv_up_proj.layer_norm_"
+    mlp = getattr(layer.mlp, "func", None) or getattr(layer.mlp, "module", layer.mlp)  # partial or ModuleSpec
+    if not (isinstance(mlp, type) and issubclass(mlp, MoELayer)):  # dense: TE fuses pre_mlp_layernorm into fc1
+        names["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return names
 
 
 def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:

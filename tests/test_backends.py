@@ -1,0 +1,60 @@
+"""One distributed checkpoint for both backends: the local (pure PyTorch) layers store every tensor under the
+name Transformer Engine's spec gives it, so a checkpoint trained with TE on GPUs loads on a CPU box and back.
+
+Expected names: Megatron-Core's get_gpt_layer_with_transformer_engine_submodules (MLA with qk_layernorm):
+q_layernorm / kv_layernorm are IdentityOp and TELayerNormColumnParallelLinear fills linear_q_up_proj /
+linear_kv_up_proj (their norm weight is ``layer_norm_weight``); a dense layer's pre_mlp_layernorm is
+IdentityOp and its linear_fc1 a TELayerNormColumnParallelLinear; an MoE layer keeps a separate TENorm;
+experts are stored as ``experts.experts.*`` by both SequentialMLP and TEGroupedMLP."""
+
+import torch
+
+from conftest import TINY_LM, TINY_VISION_56, build_pixellm
+
+ATTENTION = ["input_layernorm.weight", "self_attention.linear_q_down_proj.weight",
+             "self_attention.linear_q_up_proj.layer_norm_weight", "self_attention.linear_q_up_proj.weight",
+             "self_attention.linear_kv_down_proj.weight", "self_attention.linear_kv_up_proj.layer_norm_weight",
+             "self_attention.linear_kv_up_proj.weight", "self_attention.linear_proj.weight"]
+DENSE_MLP = ["mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+MOE_MLP = ["pre_mlp_layernorm.weight", "mlp.router.weight", "mlp.router.expert_bias",
+           "mlp.experts.experts.linear_fc1.weight", "mlp.experts.experts.linear_fc2.weight",
+           "mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.linear_fc2.weight"]
+# Where the local layer keeps each renamed tensor.
+LOCAL_NAME = {"self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+              "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
+              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+
+
+def tiny_model(pg, seed):
+    return build_pixellm(pg, seed=seed, vocab_size=256, seq_length=32, image_token_id=5, **TINY_LM, **TINY_VISION_56)
+
+
+def test_local_checkpoint_uses_transformer_engine_names(megatron_single_process, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    model = tiny_model(megatron_single_process, seed=3)
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    stored = {k: v for k, v in dist_checkpointing.load_plain_tensors(str(tmp_path)).items()
+              if k.startswith("language_model.decoder.layers.") and isinstance(v, torch.Tensor)}
+    expected = {f"language_model.decoder.layers.{layer}.{name}"
+                for layer, mlp in enumerate([DENSE_MLP, MOE_MLP]) for name in ATTENTION + mlp}
+    assert set(stored) == expected
+
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    for key, tensor in stored.items():
+        layer, name = key.removeprefix("language_model.decoder.layers.").split(".", 1)
+        local = f"language_model.decoder.layers.{layer}.{LOCAL_NAME.get(name, name)}"
+        if "experts.experts." in name:  # stored stacked over experts: [experts, ...]
+            experts = model.language_model.decoder.layers[int(layer)].mlp.experts.local_experts
+            fc = name.split(".")[-2]
+            local_tensor = torch.stack([getattr(e, fc).weight for e in experts])
+        else:
+            local_tensor = params[local]
+        torch.testing.assert_close(tensor, local_tensor.detach(), rtol=0, atol=0)
+
+    # And it loads back: a model from another seed ends up with the same weights and logits.
+    restored = tiny_model(megatron_single_process, seed=4)
+    restored.load_state_dict(dist_checkpointing.load(restored.sharded_state_dict(), str(tmp_path)))
+    for (name, p), (_, q) in zip(model.state_dict().items(), restored.state_dict().items()):
+        if isinstance(p, torch.Tensor):
+            torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
