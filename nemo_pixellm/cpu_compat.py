@@ -33,6 +33,7 @@ import sys
 import types
 
 import torch
+import torch.utils._device
 
 _INSTALLED = False
 _CPU = torch.device("cpu")
@@ -146,6 +147,9 @@ def _redirect_device(factory):
 
 
 def _patch_factories() -> None:
+    # `with torch.device(...)` recognises factories by identity in a cached set: fill it with the originals
+    # first, or the context (transformers' meta-device loading, for one) silently stops placing tensors.
+    torch.utils._device._device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _redirect_device(getattr(torch, name)))
     tensor_to = torch.Tensor.to

@@ -33,6 +33,15 @@ def test_cuda_requests_land_on_cpu():
         pass
 
 
+def test_device_context_still_places_factory_tensors():
+    """`with torch.device("meta")` (how transformers builds a model before loading it) still reaches the patched
+    factories; when it did not, from_pretrained left DeepseekV3's rotary inv_freq as uninitialised memory."""
+    with torch.device("meta"):
+        made = [torch.empty(2), torch.zeros(2), torch.arange(4), torch.ones(2), torch.randn(2), torch.full((2,), 1.0)]
+    assert [t.device.type for t in made] == ["meta"] * len(made)
+    assert torch.zeros(2, device="cuda").device.type == "cpu"  # and CUDA requests still land on the CPU
+
+
 def test_rng_tracker_follows_megatron_seed_rule():
     """model_parallel_cuda_manual_seed: model-parallel state = seed + 2718 + tp_rank (Megatron's rule),
     drawn here from the CPU generator; forking restores the default stream."""

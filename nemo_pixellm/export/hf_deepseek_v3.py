@@ -114,3 +114,50 @@ def write_hf_checkpoint(language_model_state: dict[str, torch.Tensor], hf_config
     tensors = {k: v.detach().contiguous().clone() for k, v in megatron_to_hf(language_model_state).items()}
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     hf_config.save_pretrained(directory)
+
+
+def moe_pattern(config) -> list[int]:
+    """1 where a decoder layer is MoE (Megatron's moe_layer_freq: an int N means every N-th layer)."""
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(config.num_layers)]
+    return [int(x) for x in freq]
+
+
+def deepseek_v3_config(config, vocab_size: int):
+    """The DeepseekV3Config of a PixelLM language model (a PixelLMProvider / its TransformerConfig).
+
+    M-RoPE is not representable there; with text positions (t = h = w) it is exactly the 1D RoPE written here.
+    """
+    from transformers import DeepseekV3Config
+
+    pattern = moe_pattern(config)
+    first_k_dense = pattern.index(1) if 1 in pattern else len(pattern)
+    if any(x == 0 for x in pattern[first_k_dense:]):
+        raise ValueError(f"moe_layer_freq={config.moe_layer_freq}: DeepseekV3 allows dense layers only at the start "
+                         "(first_k_dense_replace)")
+    if config.moe_shared_expert_intermediate_size % config.moe_ffn_hidden_size:
+        raise ValueError(f"moe_shared_expert_intermediate_size={config.moe_shared_expert_intermediate_size} is not a "
+                         f"multiple of moe_ffn_hidden_size={config.moe_ffn_hidden_size}: DeepseekV3 counts shared experts")
+    if config.layernorm_epsilon != 1e-6:
+        raise ValueError(f"layernorm_epsilon={config.layernorm_epsilon}: DeepseekV3's q/kv low-rank norms use 1e-6 "
+                         "whatever rms_norm_eps says, so this model cannot be exported exactly")
+    rope = {"rope_type": "default", "rope_theta": float(config.rotary_base)}
+    if config.rope_type == "yarn" and config.seq_length > config.original_max_position_embeddings:
+        rope = {"rope_type": "yarn", "rope_theta": float(config.rotary_base), "factor": float(config.rotary_scaling_factor),
+                "original_max_position_embeddings": config.original_max_position_embeddings,
+                "beta_fast": float(config.beta_fast), "beta_slow": float(config.beta_slow),
+                "mscale": float(config.mscale), "mscale_all_dim": float(config.mscale_all_dim)}
+    return DeepseekV3Config(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+        moe_intermediate_size=config.moe_ffn_hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_attention_heads,
+        n_shared_experts=config.moe_shared_expert_intermediate_size // config.moe_ffn_hidden_size,
+        n_routed_experts=config.num_moe_experts, num_experts_per_tok=config.moe_router_topk,
+        routed_scaling_factor=float(config.moe_router_topk_scaling_factor or 1.0),
+        n_group=config.moe_router_num_groups or 1, topk_group=config.moe_router_group_topk or 1,
+        first_k_dense_replace=first_k_dense, norm_topk_prob=True, kv_lora_rank=config.kv_lora_rank,
+        q_lora_rank=config.q_lora_rank, qk_rope_head_dim=config.qk_pos_emb_head_dim, qk_nope_head_dim=config.qk_head_dim,
+        v_head_dim=config.v_head_dim, max_position_embeddings=config.seq_length, rms_norm_eps=config.layernorm_epsilon,
+        rope_parameters=rope, tie_word_embeddings=config.share_embeddings_and_output_weights,
+    )

@@ -56,6 +56,35 @@ def siglip_to_tower(hf_state: dict[str, torch.Tensor], num_layers: int, num_head
     return out
 
 
+def tower_to_siglip(state: dict[str, torch.Tensor], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+    """VisionTower state dict (unsharded, TP=1) -> SiglipVisionModel state dict: the inverse of siglip_to_tower."""
+    out = {f"vision_model.{theirs}": state[ours] for ours, theirs in _GLOBAL_TABLE}
+    for layer in range(num_layers):
+        src, dst = f"encoder.layers.{layer}.", f"vision_model.encoder.layers.{layer}."
+        for ours, theirs in _LAYER_TABLE:
+            for kind in ("weight", "bias"):
+                out[f"{dst}{theirs}.{kind}"] = state[f"{src}{ours}.{kind}"]
+        for kind in ("weight", "bias"):
+            qkv = state[f"{src}self_attention.linear_qkv.{kind}"]
+            per_head = qkv.reshape(num_heads, 3, -1, *qkv.shape[1:])  # rows grouped per head: [q_h; k_h; v_h]
+            for i, p in enumerate("qkv"):
+                out[f"{dst}self_attn.{p}_proj.{kind}"] = per_head[:, i].reshape(-1, *qkv.shape[1:])
+    return out
+
+
+def siglip_config(tower: torch.nn.Module):
+    """The SiglipVisionConfig of a VisionTower (its position table's resolution is SigLIP's image_size)."""
+    from transformers import SiglipVisionConfig
+
+    config = tower.config
+    return SiglipVisionConfig(
+        hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads, image_size=tower.base_grid * tower.patch_size,
+        patch_size=tower.patch_size, layer_norm_eps=config.layernorm_epsilon, hidden_act="gelu_pytorch_tanh",
+        vision_use_head=False,
+    )
+
+
 def _tensor_parallel_shard(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full

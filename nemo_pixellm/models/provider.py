@@ -34,6 +34,7 @@ class PixelLMProvider(MLAModelProvider):
     multi_latent_attention: bool = True  # GPTModelProvider's False would otherwise win in the field order
     position_embedding_type: str = "rope"
     normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-6  # DeepSeek-V3's RMSNorm eps (Megatron's default is 1e-5)
     gated_linear_unit: bool = True
     activation_func: object = torch.nn.functional.silu
     add_bias_linear: bool = False

@@ -1,0 +1,94 @@
+"""Export a trained PixelLM checkpoint to Hugging Face formats.
+
+    python -m nemo_pixellm.export checkpoint=<checkpoint.save dir> out=<new dir> [ema=false]
+
+Writes, under ``out``:
+- ``language_model/``: a ``DeepseekV3ForCausalLM`` (config.json, model.safetensors, tokenizer.json). Exact
+  for text: M-RoPE with text positions is the 1D RoPE DeepseekV3 applies.
+- ``vision_tower/``: a ``SiglipVisionModel`` (config.json, model.safetensors) at the tower's base resolution.
+- ``projector.safetensors``: the pixel-unshuffle MLP, the image-newline and view-separator embeddings.
+- ``pixellm.json``: what joins them (image token id, tiling and M-RoPE settings).
+No Hugging Face class holds the whole VLM; those pieces are what one needs to rebuild it.
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+import nemo_pixellm  # noqa: F401  (CPU layer)
+from nemo_pixellm.export.hf_deepseek_v3 import deepseek_v3_config, write_hf_checkpoint
+from nemo_pixellm.export.hf_siglip import siglip_config, tower_to_siglip
+
+
+@dataclass
+class ExportArgs:
+    checkpoint: str = "???"
+    out: str = "???"
+    ema: bool = True  # export the EMA weights when the checkpoint has them
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def export_model(model, out, tokenizer=None, data_config=None) -> None:
+    """Write an in-memory PixelLMModel (one process: TP = PP = 1) under ``out`` (see the module docstring)."""
+    out = Path(out)
+    config = model.config
+    language_model = model.language_model
+    vocab_size = language_model.embedding.word_embeddings.weight.shape[0]
+    write_hf_checkpoint(language_model.state_dict(), deepseek_v3_config(config, vocab_size), out / "language_model")
+    if tokenizer is not None:
+        tokenizer.tok.save(str(out / "language_model" / "tokenizer.json"))
+
+    tower = model.vision_model
+    (out / "vision_tower").mkdir(parents=True, exist_ok=True)
+    siglip = tower_to_siglip(_tensors(tower), tower.config.num_layers, tower.config.num_attention_heads)
+    save_file(siglip, out / "vision_tower" / "model.safetensors", metadata={"format": "pt"})
+    siglip_config(tower).save_pretrained(out / "vision_tower")
+
+    save_file(_tensors(model.projector), out / "projector.safetensors", metadata={"format": "pt"})
+    joins = {"image_token_id": model.image_token_id, "patch_size": tower.patch_size,
+             "downsample": model.projector.downsample, "mrope_section": list(getattr(config, "mrope_section", None) or []),
+             "layout": "global view + newline per row, view separator, local mosaic + newline per row (nemo_pixellm.tiling)"}
+    if data_config is not None:
+        joins |= {"image_size": data_config.image_size, "max_tiles": data_config.max_tiles}
+    (out / "pixellm.json").write_text(json.dumps(joins, indent=2) + "\n")
+
+
+def export(args: ExportArgs) -> dict:
+    from nemo_pixellm.evaluate import load
+    from nemo_pixellm.training.ema import load_ema_into
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: give a new directory for out= (nothing was written)")
+    model, data_config, directory = load(args.checkpoint)
+    ema_used = load_ema_into(model, directory) if args.ema else False
+    export_model(model, out, data_config.load_tokenizer(), data_config)
+    return {"checkpoint": str(directory), "ema": ema_used, "out": str(out),
+            "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = OmegaConf.merge(OmegaConf.structured(ExportArgs), OmegaConf.from_dotlist(argv))
+    except Exception as err:  # omegaconf names the bad key or value
+        sys.exit(f"error: {err}")
+    missing = [k for k in ("checkpoint", "out") if OmegaConf.is_missing(args, k)]
+    if missing:
+        sys.exit(f"error: give {' and '.join(f'{k}=<dir>' for k in missing)}")
+    try:
+        print(json.dumps(export(OmegaConf.to_object(args))))
+    except (FileExistsError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
