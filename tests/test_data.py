@@ -37,6 +37,11 @@ def model(megatron_single_process, tokenizer):
                          image_token_id=tokenizer.image_id)
 
 
+def plan(data: TrainingSequences, count: int | None = None) -> list[list[tuple[int, int]]]:
+    """The (source, index) members of the first ``count`` sequences (all by default)."""
+    return [data.members(i) for i in range(len(data) if count is None else count)]
+
+
 def per_sample_losses(model, batch) -> list[float]:
     """Summed next-token loss of every sample in the batch, in order."""
     with torch.no_grad():
@@ -55,15 +60,15 @@ def per_sample_losses(model, batch) -> list[float]:
 def test_packed_equals_unpacked(shards, tokenizer, model):
     """Packing isolation: the same samples give the same per-sample losses packed or one per sequence."""
     packed = TrainingSequences(sources(shards, tokenizer), [0.5, 0.5], tokenizer, 160, 6, 56, pack=True, seed=3)
-    assert max(len(members) for members in packed.plan) >= 3  # images, captions and text share sequences
+    assert max(len(members) for members in plan(packed)) >= 3  # images, captions and text share sequences
     batch = TrainingSequences.collate_fn([packed[i] for i in range(len(packed))])
     assert "attention_mask" in batch
     singles = [build_sequence([(s, packed.sources[s].sample(i, 56, 160))], 160, tokenizer.pad_id, 56)
-               for members in packed.plan for s, i in members]
+               for members in plan(packed) for s, i in members]
     unpacked = TrainingSequences.collate_fn(singles)
     assert "attention_mask" not in unpacked
     got, expected = per_sample_losses(model, batch), per_sample_losses(model, unpacked)
-    assert len(got) == len(expected) == sum(len(m) for m in packed.plan)
+    assert len(got) == len(expected) == sum(len(m) for m in plan(packed))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5)
     # Positions restart per sample; labels never cross into the next sample.
     first = packed[0]
@@ -88,15 +93,20 @@ def test_mixing_hits_the_token_share(shards, tokenizer):
     """Stage 2's 70:30 vision-language : text, measured in tokens over 1000 batches of 4."""
     data = TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 4000, 56, seed=5)
     tokens = [0, 0]
-    for members in data.plan:
+    for members in plan(data):
         for source, index in members:
             tokens[source] += min(data._sample(source, index, 56).num_tokens, 160)
     share = tokens[0] / sum(tokens)
     print(f"vision-language share {share:.4f} over 1000 batches ({sum(tokens)} tokens)")
     assert abs(share - 0.7) < 0.02
     # Deterministic by seed, and a different seed gives a different order.
-    assert TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 50, 56, seed=5).plan == data.plan[:50]
-    assert TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 50, 56, seed=6).plan != data.plan[:50]
+    assert plan(TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 50, 56, seed=5)) == plan(data, 50)
+    assert plan(TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 50, 56, seed=6)) != plan(data, 50)
+    # The plan grows on demand: asking for a late sequence first (a resume) gives what the in-order run gives.
+    late = TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 4000, 56, seed=5)
+    assert late.members(3999) == data.members(3999) and plan(late, 50) == plan(data, 50)
+    with pytest.raises(IndexError):
+        late.members(4000)
     batch = TrainingSequences.collate_fn([data[i] for i in range(8)])
     keys = [key for sequence in batch["samples"] for _, key, _ in sequence]
     assert sum(k.startswith("text_") for k in keys) >= 1 and sum(not k.startswith("text_") for k in keys) >= 1

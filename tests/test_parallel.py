@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICK, losses, run_train
+from conftest import QUICK, losses, metrics, run_train
 from test_training import checkpoint_tensors
 
 pytestmark = pytest.mark.slow
@@ -27,6 +27,10 @@ LAYOUTS = {
                 "model.expert_model_parallel_size=2"],
     "dp2": [],
 }
+
+
+def sample_keys(run_dir: Path) -> list[list[str]]:
+    return [sorted(row["samples"]) for row in metrics(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,8 @@ def test_layout_equals_one_process(layout, reference: Path, cache_dir, tmp_path)
     assert one[3] < one[1] - 1.0  # the steps are large: gradients matter
     for step in (1, 2, 3):
         assert two[step] == pytest.approx(one[step], rel=1e-6)
+    # Each step trained on the same samples (under DP2 each rank holds half of them).
+    assert sample_keys(tmp_path / "run") == sample_keys(reference / "one-run") and sample_keys(tmp_path / "run")[0]
     single, parallel = checkpoint_tensors(reference / "one", tmp_path), checkpoint_tensors(tmp_path / "ckpt", tmp_path)
     assert set(single) == set(parallel)
     for name, tensor in single.items():

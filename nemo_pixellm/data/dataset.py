@@ -1,8 +1,8 @@
 """Training sequences from samples: mixing sources by token share, packing, positions, collate.
 
 The whole path from shard to model input: ``ShardSamples`` (samples.py) turns a record into token
-segments and an image; ``TrainingSequences`` decides, once and deterministically, which samples make up
-each sequence (the *plan*), then builds sequence i on demand:
+segments and an image; ``TrainingSequences`` decides deterministically which samples make up each
+sequence (the *plan*, grown on demand in sequence order), then builds sequence i:
 
     tokens / labels / loss_mask [seq]   labels are next tokens *within* a sample; the last token of a sample
                                         and padding carry no loss, nor do prompt and image positions
@@ -74,7 +74,7 @@ class TrainingSequences(torch.utils.data.Dataset):
         self.schedule = [list(e) for e in resolution_schedule] if resolution_schedule else [[0.0, image_size]]
         self.global_batch_size = max(global_batch_size, 1)
         self.total_steps = max(self.num_sequences // self.global_batch_size, 1)
-        self.plan = self._build_plan(MixtureStream(sources, shares, seed))
+        self._stream, self._pending, self._plan = MixtureStream(sources, shares, seed), None, []
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -85,29 +85,34 @@ class TrainingSequences(torch.utils.data.Dataset):
     def _sample(self, source: int, index: int, tile: int) -> Sample:
         return self.sources[source].sample(index, tile, self.seq_length)
 
-    def _build_plan(self, stream: MixtureStream) -> list[list[tuple[int, int]]]:
-        """Which (source, index) samples make up each sequence. Lengths need no image decoding."""
-        plan, pending = [], None
-        for i in range(self.num_sequences):
-            tile, members, used = self.view_size(i), [], 0
-            while True:
-                candidate = pending or stream.next()
-                pending = None
-                length = min(self._sample(*candidate, tile).num_tokens, self.seq_length)
-                if members and used + length > self.seq_length:
-                    pending = candidate  # starts the next sequence
-                    break
-                members.append(candidate)
-                stream.account(candidate[0], length)
-                used += length
-                if not self.pack:
-                    break
-            plan.append(members)
-        return plan
+    def members(self, index: int) -> list[tuple[int, int]]:
+        """The (source, index) samples of sequence ``index``. The plan grows on demand, always in sequence
+        order, so it is the same whichever index is asked first, and start-up costs nothing (built whole,
+        a long run's plan took hours). Lengths need no image decoding."""
+        if not 0 <= index < self.num_sequences:
+            raise IndexError(f"sequence {index} of {self.num_sequences}")
+        while len(self._plan) <= index:
+            self._plan.append(self._next_members(self.view_size(len(self._plan))))
+        return self._plan[index]
+
+    def _next_members(self, tile: int) -> list[tuple[int, int]]:
+        members, used = [], 0
+        while True:
+            candidate = self._pending or self._stream.next()
+            self._pending = None
+            length = min(self._sample(*candidate, tile).num_tokens, self.seq_length)
+            if members and used + length > self.seq_length:
+                self._pending = candidate  # starts the next sequence
+                return members
+            members.append(candidate)
+            self._stream.account(candidate[0], length)
+            used += length
+            if not self.pack:
+                return members
 
     def __getitem__(self, index: int) -> dict:
         tile = self.view_size(index)
-        samples = [(source, self._sample(source, i, tile)) for source, i in self.plan[index]]
+        samples = [(source, self._sample(source, i, tile)) for source, i in self.members(index)]
         return build_sequence(samples, self.seq_length, self.tokenizer.pad_id, tile)
 
     @staticmethod

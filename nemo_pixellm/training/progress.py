@@ -1,6 +1,7 @@
 """Console progress (step, loss, learning rate, tokens/s, time left) every ``logger.log_interval`` steps,
 and every step's loss at full precision in ``<run_dir>/metrics.jsonl`` for scripts and tests, with the keys
-of the samples this rank trained on in that step (the data order, checked across resumes)."""
+of the samples the step trained on, from every data-parallel rank (the data order, checked across resumes
+and layouts)."""
 
 import json
 import time
@@ -16,6 +17,20 @@ def _is_last_rank() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
 
+def _whole_batch(keys: list[str]) -> list[str]:
+    """This rank's sample keys joined with those of its data-parallel peers, in data-parallel rank order."""
+    if not torch.distributed.is_initialized():
+        return keys
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    if torch.distributed.get_world_size(group) == 1:
+        return keys
+    gathered = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(gathered, keys, group=group)
+    return [key for part in gathered for key in part]
+
+
 class ProgressCallback(Callback):
     def __init__(self, run_dir: str | None = None):
         self._t0 = None
@@ -29,6 +44,8 @@ class ProgressCallback(Callback):
         cfg, step = context.state.cfg, context.state.train_state.step + 1  # the loop counts it after callbacks
         keys = list(step_module.seen_sample_keys)
         step_module.seen_sample_keys.clear()
+        if self.metrics_file is not None:  # every rank takes part in the gather
+            keys = _whole_batch(keys)
         if not _is_last_rank() or not context.loss_dict:
             return
         loss = float(context.loss_dict.get("lm loss", float("nan")))
