@@ -112,6 +112,37 @@ def test_mixing_hits_the_token_share(shards, tokenizer):
     assert sum(k.startswith("text_") for k in keys) >= 1 and sum(not k.startswith("text_") for k in keys) >= 1
 
 
+def test_resume_reaches_its_position_from_the_cached_plan(shards, tokenizer, tmp_path):
+    """A resumed run starts from the cached start of its block of the plan instead of replaying every
+    sequence before it; the members are the in-order run's, and a corrupt or foreign cache changes nothing."""
+    def sequences(seed=5, cache=tmp_path / "plans"):
+        data = TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 1000, 56, pack=True,
+                                 seed=seed, plan_cache=cache, plan_block=50)
+        reads, read = [], data._sample
+        data._sample = lambda *args: reads.append(args) or read(*args)
+        return data, reads
+
+    first, first_reads = sequences()
+    in_order = plan(first)  # writes the start of every block
+    resumed, reads = sequences()
+    assert resumed.members(975) == in_order[975] and len(resumed._block_plan) == 50
+    assert 0 < len(reads) < len(first_reads) / 10  # one block of 50 sequences replayed, not 975
+    assert plan(resumed) == in_order
+
+    uncached, uncached_reads = sequences(cache=None)
+    assert uncached.members(975) == in_order[975] and len(uncached_reads) > 0.9 * len(first_reads)
+
+    # A corrupt block start is replayed from the one before it.
+    (next((tmp_path / "plans").iterdir()) / "start-00000019.json").write_text("{garbage")
+    repaired, repaired_reads = sequences()
+    assert repaired.members(975) == in_order[975] and len(repaired_reads) < len(first_reads) / 5
+
+    # Another seed keeps its own cache and its own plan.
+    other, _ = sequences(seed=6)
+    assert other.members(975) == sequences(seed=6, cache=None)[0].members(975) != in_order[975]
+    assert len(list((tmp_path / "plans").iterdir())) == 2
+
+
 def test_chat_template_masks_all_but_assistant_tokens(tokenizer):
     turns = [{"from": "system", "value": "Answer briefly."},
              {"from": "human", "value": "Look: <image>\nHow many circles?"}, {"from": "gpt", "value": "three"},

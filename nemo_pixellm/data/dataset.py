@@ -2,7 +2,7 @@
 
 The whole path from shard to model input: ``ShardSamples`` (samples.py) turns a record into token
 segments and an image; ``TrainingSequences`` decides deterministically which samples make up each
-sequence (the *plan*, grown on demand in sequence order), then builds sequence i:
+sequence (the *plan*, decided in sequence order, a block at a time), then builds sequence i:
 
     tokens / labels / loss_mask [seq]   labels are next tokens *within* a sample; the last token of a sample
                                         and padding carry no loss, nor do prompt and image positions
@@ -18,8 +18,16 @@ sequence (the *plan*, grown on demand in sequence order), then builds sequence i
   size from the sequence index (Megatron's sampler hands out global indices in order, so index //
   global_batch_size is the step): the same after a resume, and one size per global batch.
 - Exact resume: a map-style dataset under Megatron's sampler continues from ``consumed_train_samples``
-  in the checkpoint; the plan is a pure function of the config, so nothing else needs saving.
+  in the checkpoint; the plan is a pure function of the config, so nothing else needs saving. Where the
+  plan's blocks start is cached on disk (``plan_cache``), so reaching step N does not replay N steps.
 """
+
+import hashlib
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -34,6 +42,9 @@ def resolution_at(schedule: list, step: int, total_steps: int) -> int:
         if step >= round(float(fraction) * total_steps):
             size = entry_size
     return int(size)
+
+
+PLAN_VERSION = 1  # bump when planning changes, so cached block starts are not reused
 
 
 class MixtureStream:
@@ -68,13 +79,18 @@ class MixtureStream:
 class TrainingSequences(torch.utils.data.Dataset):
     def __init__(self, sources: list[ShardSamples], shares: list[float], tokenizer, seq_length: int,
                  num_sequences: int | None, image_size: int, resolution_schedule: list | None = None,
-                 global_batch_size: int = 1, pack: bool = False, seed: int = 1234):
+                 global_batch_size: int = 1, pack: bool = False, seed: int = 1234, plan_cache=None,
+                 plan_block: int = 1024):
         self.sources, self.tokenizer, self.seq_length, self.pack = sources, tokenizer, seq_length, pack
         self.num_sequences = num_sequences or len(sources[0])
         self.schedule = [list(e) for e in resolution_schedule] if resolution_schedule else [[0.0, image_size]]
         self.global_batch_size = max(global_batch_size, 1)
         self.total_steps = max(self.num_sequences // self.global_batch_size, 1)
-        self._stream, self._pending, self._plan = MixtureStream(sources, shares, seed), None, []
+        self._stream, self._pending = MixtureStream(sources, shares, seed), None
+        self.plan_block = plan_block
+        self._starts = {0: self._state()}  # block -> the stream's state where that block's plan starts
+        self._block, self._block_plan = -1, []  # the one block of the plan held in memory
+        self._plan_dir = Path(plan_cache) / self._fingerprint() if plan_cache else None
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -86,14 +102,73 @@ class TrainingSequences(torch.utils.data.Dataset):
         return self.sources[source].sample(index, tile, self.seq_length)
 
     def members(self, index: int) -> list[tuple[int, int]]:
-        """The (source, index) samples of sequence ``index``. The plan grows on demand, always in sequence
-        order, so it is the same whichever index is asked first, and start-up costs nothing (built whole,
-        a long run's plan took hours). Lengths need no image decoding."""
+        """The (source, index) samples of sequence ``index``. The plan is decided in sequence order and held
+        one block at a time; the stream's state at each block start is kept (in memory, and on disk under
+        ``plan_cache``), so any sequence costs at most one block of replay from a known start, and a resumed
+        run jumps to its position instead of replaying every sequence before it. Lengths need no image
+        decoding."""
         if not 0 <= index < self.num_sequences:
             raise IndexError(f"sequence {index} of {self.num_sequences}")
-        while len(self._plan) <= index:
-            self._plan.append(self._next_members(self.view_size(len(self._plan))))
-        return self._plan[index]
+        block, offset = divmod(index, self.plan_block)
+        if block != self._block:
+            self._hold_block(block)
+        return self._block_plan[offset]
+
+    def _hold_block(self, block: int) -> None:
+        start = max(b for b in self._starts if b <= block)
+        for b in range(block, start, -1):  # a start another process (an earlier run) already wrote
+            if (state := self._read_start(b)) is not None:
+                start, self._starts[b] = b, state
+                break
+        self._restore(self._starts[start])
+        for b in range(start, block + 1):
+            first = b * self.plan_block
+            plan = [self._next_members(self.view_size(i))
+                    for i in range(first, min(first + self.plan_block, self.num_sequences))]
+            if first + self.plan_block <= self.num_sequences:  # a cut-short last block is no block's start
+                self._remember_start(b + 1)
+        self._block, self._block_plan = block, plan
+
+    def _state(self) -> dict:
+        return {"taken": list(self._stream.taken), "tokens": list(self._stream.tokens), "pending": self._pending}
+
+    def _restore(self, state: dict) -> None:
+        self._stream.taken, self._stream.tokens = list(state["taken"]), list(state["tokens"])
+        self._pending = tuple(state["pending"]) if state["pending"] else None
+
+    def _remember_start(self, block: int) -> None:
+        self._starts[block] = self._state()
+        path = self._plan_dir / f"start-{block:08d}.json" if self._plan_dir else None
+        if path is None or path.exists():
+            return
+        try:  # written aside, then renamed: other ranks and workers may write the same file at once
+            path.parent.mkdir(parents=True, exist_ok=True)
+            aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+            aside.write_text(json.dumps(self._starts[block]))
+            os.replace(aside, path)
+        except OSError as error:  # the cache only saves time
+            warnings.warn(f"plan cache {self._plan_dir} not written ({error}); resumes replay the plan")
+            self._plan_dir = None
+
+    def _read_start(self, block: int) -> dict | None:
+        if self._plan_dir is None:
+            return None
+        try:
+            return json.loads((self._plan_dir / f"start-{block:08d}.json").read_text())
+        except (OSError, ValueError):  # absent or unreadable: replay instead
+            return None
+
+    def _fingerprint(self) -> str:
+        """Everything the plan depends on: a changed config or data set never reads another's cache."""
+        what = {
+            "version": PLAN_VERSION, "block": self.plan_block, "seq_length": self.seq_length, "pack": self.pack,
+            "schedule": self.schedule, "global_batch_size": self.global_batch_size, "total_steps": self.total_steps,
+            "shares": self._stream.shares, "seed": self._stream.seed,
+            "tokenizer": hashlib.sha256(self.tokenizer.tok.to_str().encode()).hexdigest(),
+            "sources": [[s.reader.manifest.get("sha256") or str(s.reader.dir.resolve()), len(s), s.task,
+                         s.patch_size, s.downsample, s.max_tiles] for s in self.sources],
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     def _next_members(self, tile: int) -> list[tuple[int, int]]:
         members, used = [], 0

@@ -145,7 +145,8 @@ class PixelLMDataConfig(DatasetProvider):
             sources.append(self._samples(text_path, tokenizer, "text"))
             shares.append(self.text_ratio)
         return TrainingSequences(sources, shares, tokenizer, self.seq_length, num_sequences, self.image_size,
-                                 self.resolution_schedule, self.global_batch_size, self.pack, self.seed)
+                                 self.resolution_schedule, self.global_batch_size, self.pack, self.seed,
+                                 plan_cache=self.cache() / "plans")
 
     def valid_dataset(self, tokenizer) -> TrainingSequences | None:
         _, valid_path = self.resolve_paths()
