@@ -120,6 +120,7 @@ def test_chain_submits_dependent_stages_from_previous_checkpoints(capsys, tmp_pa
         (["variant=megapixel", "cluster.nodes=2", "model.tensor_model_parallel_size=3", "model.sequence_parallel=true"],
          "world size 16 is not divisible"),
         (["variant=pixel", "cluster.nodes=1", "checkpoint.save=/elsewhere"], "checkpoint.save is set by the launcher"),
+        (["variant=pixel", "cluster.nodes=1", "dataset.pack=true"], "with an attention mask that only the local backend"),
     ],
 )
 def test_layout_that_cannot_run_is_refused(argv, message, capsys):

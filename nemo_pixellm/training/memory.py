@@ -68,10 +68,11 @@ def parameter_groups(model) -> Counter:
 
 
 def unsharded(provider):
-    """A copy of the provider with every parallel size 1, to build (and count) the whole model on one process."""
+    """A copy of the provider with every parallel size 1, to build (and count) the whole model on one process,
+    on the local backend: it holds the same parameters as TE's, and a login node may not have TE."""
     return dataclasses.replace(
         provider, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1,
-        expert_model_parallel_size=1, expert_tensor_parallel_size=1, sequence_parallel=False,
+        expert_model_parallel_size=1, expert_tensor_parallel_size=1, sequence_parallel=False, use_te=False,
     )
 
 

@@ -1,5 +1,7 @@
 """Checks that fail before any process group, model or data is built, each naming the fix."""
 
+from nemo_pixellm.models.backend import resolve_use_te
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says which key to change."""
@@ -57,6 +59,12 @@ def validate_layout(cfg, world_size: int) -> None:
         )
     if cfg.model.seq_length != cfg.dataset.seq_length:
         raise ConfigError("model.seq_length and dataset.seq_length differ: set the top-level seq_length instead")
+    if cfg.dataset.pack and resolve_use_te(m.use_te):
+        raise ConfigError(
+            "dataset.pack=true isolates packed samples with an attention mask that only the local backend applies "
+            "(Transformer Engine's causal attention ignores it; its packed THD path is not wired yet): set "
+            "model.use_te=false or dataset.pack=false"
+        )
     validate_images(cfg.dataset)
 
 
