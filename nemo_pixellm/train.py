@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 import nemo_pixellm  # noqa: F401  (installs the CPU layer when CUDA is absent)
+from nemo_pixellm.data.dataset import BadDataError
 from nemo_pixellm.training.validate import ConfigError
 
 # Megatron-Bridge is imported inside run(): the checkpoint writer spawns a process that re-imports this module,
@@ -24,6 +25,19 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         return sock.getsockname()[1]
+
+
+def finished_step(container) -> int | None:
+    """The step of checkpoint.load's latest checkpoint when it already reached train.train_iters (a finished
+    run launched again, e.g. a Slurm requeue after the final save), else None."""
+    load = container.checkpoint.load
+    tracker = Path(load) / "latest_checkpointed_iteration.txt" if load else None
+    if tracker is None or not tracker.is_file() or container.checkpoint.ckpt_step is not None:
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit() or container.train.train_iters is None or int(text) < container.train.train_iters:
+        return None
+    return int(text)
 
 
 def run(cfg: DictConfig) -> None:
@@ -39,6 +53,12 @@ def run(cfg: DictConfig) -> None:
     from nemo_pixellm.training.step import forward_step
 
     container = build_config(cfg)
+    if (step := finished_step(container)) is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[pixellm] nothing to train: checkpoint.load={container.checkpoint.load} is at step {step}, "
+                  f"train.train_iters={container.train.train_iters} is reached (raise train.train_iters to continue)",
+                  flush=True)
+        return
     callbacks = [ProgressCallback(cfg.run_dir)]
     ema = EMACallback(cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
     if ema is not None:
@@ -52,7 +72,7 @@ def run(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (ConfigError, NotImplementedError, FileNotFoundError) as err:
+    except (ConfigError, NotImplementedError, FileNotFoundError, BadDataError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -82,3 +82,29 @@ def build_pixellm(pg_collection, seed: int = 7, **provider_kwargs):
     provider.finalize()
     clear_aux_losses_tracker()
     return provider.provide().eval()
+
+
+def write_damaged_shards(out: Path, size: int = 56) -> dict[str, list[int]]:
+    """60 synthetic caption records in 6 shards of 10, damaged on purpose; returns the damaged sample indices by
+    kind. Planning skips all but ``pixels`` (header and end marker intact), which fails when its pixels decode."""
+    import tarfile
+
+    from nemo_pixellm.data.shards import write_shards
+    from nemo_pixellm.data.synthetic import scene_record
+
+    records = [scene_record(5, i, size) for i in range(60)]
+    records[3]["json"] = b'{"caption": "unterminated'
+    records[5]["jpg"] = b"not an image" * 20
+    del records[7]["jpg"]
+    records[12]["jpg"] = records[12]["jpg"][:-20]  # cut inside the pixel data
+    jpg = records[45]["jpg"]
+    records[45]["jpg"] = jpg[: jpg.find(b"\xff\xda")] + b"\xff\xd9"  # header, then the end marker: no pixels
+    write_shards(records, out, shard_size=10)
+    shard2 = out / "shard-000002.tar"
+    with tarfile.open(shard2) as tar:
+        cut = next(m for m in tar if m.name.startswith(records[25]["__key__"])).offset_data + 10
+    with open(shard2, "r+b") as f:
+        f.truncate(cut)  # a copy cut short inside sample 25
+    (out / "shard-000003.tar").write_bytes(b"")  # an empty shard file
+    return {"json": [3], "image": [5], "missing": [7], "truncated_image": [12], "truncated_tar": list(range(25, 30)),
+            "empty_shard": list(range(30, 40)), "pixels": [45]}

@@ -87,16 +87,73 @@ def test_missing_stage_and_stage4():
         build_config(compose_cfg(["+stage=stage4"]), world_size=1)
 
 
-def test_missing_data_path(tmp_path):
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
-        build_config(compose_cfg(["+stage=stage2", "data=shards", f"dataset.path={tmp_path}/none",
-                                  f"dataset.tokenizer_path={tok}"]), world_size=1)
-    cfg = compose_cfg(["+stage=stage2", "data=synthetic", f"dataset.path={tmp_path}/none"])
-    container = build_config(cfg, world_size=1)
-    with pytest.raises(FileNotFoundError, match="no manifest.json in .*none: point data.path"):
-        container.dataset.resolve_paths()
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    """Caption shards, text-only shards, a tokenizer directory, an empty directory and a finished-looking and
+    an unfinished checkpoint directory."""
+    from nemo_pixellm.data.provider import text_record
+    from nemo_pixellm.data.shards import write_shards
+    from nemo_pixellm.data.synthetic import scene_record
+
+    root = tmp_path_factory.mktemp("bad-config")
+    write_shards((scene_record(3, i, 56) for i in range(4)), root / "captions", shard_size=2)
+    write_shards((text_record(3, i) for i in range(4)), root / "text", shard_size=2)
+    (root / "tok").mkdir()
+    (root / "empty").mkdir()
+    return root
+
+
+# Every error build_config raises before a model or process group exists (the table of issue 19): overrides
+# (with {d} the data directories above) and the message. launch --dry-run builds the same config.
+BAD_CONFIGS = [
+    (["dataset.path={d}/none"], "no manifest.json in .*none: point dataset.path at a directory written by data_prep"),
+    (["dataset.path={d}/captions", "dataset.text_ratio=0.3"], r"dataset.text_ratio=0.3 mixes in text-only shards: "
+     "set dataset.text_path"),
+    (["dataset.path={d}/captions", "dataset.text_path={d}/empty"], "no manifest.json in .*empty: point "
+     "dataset.text_path"),
+    (["dataset.path={d}/captions", "dataset.text_path={d}/captions"], "dataset.text_path=.*captions does not hold "
+     "dataset.task=text records"),
+    (["dataset.path={d}/captions", "dataset.text_ratio=0", "dataset.valid_path={d}/none"], "point dataset.valid_path"),
+    (["dataset.path={d}/text", "dataset.text_ratio=0"], "dataset.path=.*text does not hold dataset.task=caption "
+     "records .*the record has \\['text'\\]"),
+    (["dataset.tokenizer_path={d}/tok"], "dataset.tokenizer_path=.*tok holds no tokenizer.json"),
+    (["dataset.task=text"], "dataset.task=text trains on text-only records, which the synthetic set does not have"),
+    (["dataset.task=captions"], "dataset.task=captions: choose one of caption, vqa, chat, text"),
+    (["dataset.valid_path={d}/captions"], "dataset.valid_path is used with dataset.path only"),
+    (["dataset.text_ratio=1.5"], r"dataset.text_ratio=1.5: give the text-only share of tokens in \[0, 1\)"),
+    (["dataset.max_bad_fraction=1"], "dataset.max_bad_fraction=1: give a share in"),
+    (["+model.vision_patch_size=16"], "model.vision_patch_size is set from dataset.patch_size"),
+    (["+model.image_token_id=3"], "model.image_token_id is set from the tokenizer"),
+    (["mixed_precision=bf16_with_fp8_delayed_scaling_mixed", "model.use_te=false"], "FP8 .* runs through "
+     "Transformer Engine, which this run does not use"),
+    (["+model.fp8=hybrid", "model.use_te=false"], r"FP8 \(model.fp8=hybrid\)"),
+    (["ddp.use_distributed_optimizer=true"], "ddp.use_distributed_optimizer and optimizer.use_distributed_optimizer "
+     "differ"),
+    (["train.exit_signal_handler=true"], "train.exit_signal_handler=true saves a checkpoint on the exit signal: set "
+     "checkpoint.save"),
+    (["vqa_eval.interval=10", "model.pipeline_model_parallel_size=2"], "vqa_eval.interval decodes on each rank"),
+    (["vqa_eval.interval=10", "dataset.path={d}/captions", "dataset.text_ratio=0"], "vqa_eval.interval asks the held-out questions of "
+     "dataset.valid_path, which is unset"),
+    (["stage.init_from={d}/empty"], "stage.init_from=.*empty is not a checkpoint directory"),
+    (["stage.trainable=[projector,vision]"], r"stage.trainable names \['vision'\]: choose from vision_model"),
+    (["checkpoint.load={d}/none"], "checkpoint.load=.*none does not exist: give a checkpoint.save directory"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_CONFIGS, ids=[o[0] for o, _ in BAD_CONFIGS])
+def test_bad_configs_fail_in_build_config(data_dirs, overrides, message):
+    world = 2 if any("pipeline" in o for o in overrides) else 1
+    cfg = compose_cfg(["+stage=stage2", *(o.format(d=data_dirs) for o in overrides)])
+    with pytest.raises(ConfigError, match=message):
+        build_config(cfg, world_size=world)
+
+
+def test_good_shard_config_passes(data_dirs):
+    container = build_config(compose_cfg(["+stage=stage2", f"dataset.path={data_dirs}/captions",
+                                          f"dataset.text_path={data_dirs}/text"]), world_size=1)
+    assert container.dataset.text_path.endswith("text") and container.model.vision_patch_size == 14
+    patched = build_config(compose_cfg(["+stage=stage2", "dataset.patch_size=16", "seq_length=256"]), world_size=1)
+    assert patched.model.vision_patch_size == 16  # the data's patch size is the tower's
 
 
 def test_cli_rejects_bad_config_before_training(cache_dir, tmp_path):

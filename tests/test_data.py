@@ -159,3 +159,60 @@ def test_chat_template_masks_all_but_assistant_tokens(tokenizer):
     image_at = ids.index(tokenizer.image_id)
     assert tokenizer.decode(ids[:image_at]).strip() == "Answer briefly. Look:"  # the image where <image> stood
     assert ids.count(tokenizer.image_id) == layout.tokens and not any(c for t, c in zip(ids, carries) if t == tokenizer.image_id)
+
+
+def test_bad_records_are_skipped_counted_and_the_plan_stays_deterministic(tokenizer, tmp_path):
+    """A malformed JSON, a corrupt, a missing and a truncated image, a tar cut short and an empty shard: the plan
+    skips each bad record where it meets it and reports it with that sequence; the same config plans the same,
+    from the start or from the cached block starts; a record whose pixels fail is dropped when its sequence is
+    built; too many bad records stop the run naming dataset.max_bad_fraction."""
+    from conftest import write_damaged_shards
+    from nemo_pixellm.data.dataset import BadDataError
+
+    damaged = write_damaged_shards(tmp_path / "bad")
+    bad = {i for kind, ids in damaged.items() if kind != "pixels" for i in ids}
+
+    def dataset(**kw):
+        return TrainingSequences([ShardSamples(tmp_path / "bad", tokenizer, "caption", max_tiles=1)], [1.0], tokenizer,
+                                 160, 42, 56, max_bad_fraction=0.5, plan_block=8, **kw)
+
+    data = dataset(plan_cache=tmp_path / "plans")
+    planned = [(data.members(i), data.skipped(i)) for i in range(42)]  # 42 > 41 good: one whole epoch is read
+    first_epoch = [r for _, skipped in planned for r in skipped if r["index"] < 60]
+    assert sorted(r["index"] for r in first_epoch) == sorted(bad)  # each bad record met once, none else
+    reasons = {r["index"]: r["reason"] for r in first_epoch}
+    print({kind: reasons[ids[0]] for kind, ids in damaged.items() if kind != "pixels"})
+    assert "malformed record" in reasons[3] and "corrupt image" in reasons[5] and "missing image" in reasons[7]
+    assert "truncated JPEG image" in reasons[12]
+    assert all("shard-000002.tar" in reasons[i] for i in damaged["truncated_tar"])
+    assert all("shard-000003.tar" in reasons[i] for i in damaged["empty_shard"])
+    assert not {i % 60 for members, _ in planned for _, i in members} & bad
+    fresh = dataset()
+    assert [(fresh.members(i), fresh.skipped(i)) for i in range(42)] == planned
+    resumed = dataset(plan_cache=tmp_path / "plans")  # starts at sequence 30 from the cached block start
+    assert [(resumed.members(i), resumed.skipped(i)) for i in range(30, 42)] == planned[30:]
+    sequence = next(i for i, (members, _) in enumerate(planned) if (0, 45) in members)
+    item = data[sequence]
+    assert [r["index"] for r in item["skipped"]][-1] == 45 and "corrupt image" in item["skipped"][-1]["reason"]
+    assert item["samples"] == [] and item["loss_mask"].sum() == 0  # its only sample was dropped
+
+    strict = TrainingSequences([ShardSamples(tmp_path / "bad", tokenizer, "caption", max_tiles=1)], [1.0], tokenizer,
+                               160, 42, 56, max_bad_fraction=0.05)
+    with pytest.raises(BadDataError, match="6 bad records in the first .* more than dataset.max_bad_fraction=0.05"):
+        [strict.members(i) for i in range(42)]
+
+
+def test_shards_with_unsafe_member_names_are_refused(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from nemo_pixellm.data.shards import MANIFEST, ShardReader
+
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
+        info = tarfile.TarInfo("../outside.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    (tmp_path / MANIFEST).write_text(json.dumps({"samples": 1, "shards": [{"name": "shard-000000.tar", "samples": 1}]}))
+    with pytest.raises(ValueError, match="tar member '../outside.json' is an absolute or '..' path"):
+        ShardReader(tmp_path)[0]

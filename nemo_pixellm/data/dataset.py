@@ -17,6 +17,11 @@ sequence (the *plan*, decided in sequence order, a block at a time), then builds
 - Progressive resolution: ``resolution_schedule`` [[fraction of training, view size], ...] picks the view
   size from the sequence index (Megatron's sampler hands out global indices in order, so index //
   global_batch_size is the step): the same after a resume, and one size per global batch.
+- Bad records (a damaged shard, malformed JSON, a corrupt, truncated or missing image) are skipped where the
+  plan meets them: the stream draws the next sample instead, so the plan stays a pure function of the config
+  and the data. Each skip is reported with the sequence it was met in (``skipped``); more than
+  ``max_bad_fraction`` of the records read (counting at least 100) stops the run with ``BadDataError``.
+  An image whose pixels fail to decode when its sequence is built is dropped from that sequence, reported too.
 - Exact resume: a map-style dataset under Megatron's sampler continues from ``consumed_train_samples``
   in the checkpoint; the plan is a pure function of the config, so nothing else needs saving. Where the
   plan's blocks start is cached on disk (``plan_cache``), so reaching step N does not replay N steps.
@@ -33,6 +38,13 @@ import torch
 
 from nemo_pixellm import tiling
 from nemo_pixellm.data.samples import Sample, ShardSamples
+from nemo_pixellm.data.shards import BadRecord
+
+MIN_RECORDS_FOR_CEILING = 100  # the bad-record ceiling counts at least this many records read
+
+
+class BadDataError(RuntimeError):
+    """More bad records than ``dataset.max_bad_fraction`` allows: the run stops."""
 
 
 def resolution_at(schedule: list, step: int, total_steps: int) -> int:
@@ -44,7 +56,7 @@ def resolution_at(schedule: list, step: int, total_steps: int) -> int:
     return int(size)
 
 
-PLAN_VERSION = 1  # bump when planning changes, so cached block starts are not reused
+PLAN_VERSION = 2  # bump when planning changes, so cached block starts are not reused
 
 
 class MixtureStream:
@@ -80,13 +92,14 @@ class TrainingSequences(torch.utils.data.Dataset):
     def __init__(self, sources: list[ShardSamples], shares: list[float], tokenizer, seq_length: int,
                  num_sequences: int | None, image_size: int, resolution_schedule: list | None = None,
                  global_batch_size: int = 1, pack: bool = False, seed: int = 1234, plan_cache=None,
-                 plan_block: int = 1024):
+                 plan_block: int = 1024, max_bad_fraction: float = 0.01):
         self.sources, self.tokenizer, self.seq_length, self.pack = sources, tokenizer, seq_length, pack
         self.num_sequences = num_sequences or len(sources[0])
         self.schedule = [list(e) for e in resolution_schedule] if resolution_schedule else [[0.0, image_size]]
         self.global_batch_size = max(global_batch_size, 1)
         self.total_steps = max(self.num_sequences // self.global_batch_size, 1)
         self._stream, self._pending = MixtureStream(sources, shares, seed), None
+        self.max_bad_fraction, self._bad, self._skipped = max_bad_fraction, 0, []
         self.plan_block = plan_block
         self._starts = {0: self._state()}  # block -> the stream's state where that block's plan starts
         self._block, self._block_plan = -1, []  # the one block of the plan held in memory
@@ -112,7 +125,12 @@ class TrainingSequences(torch.utils.data.Dataset):
         block, offset = divmod(index, self.plan_block)
         if block != self._block:
             self._hold_block(block)
-        return self._block_plan[offset]
+        return self._block_plan[offset][0]
+
+    def skipped(self, index: int) -> list[dict]:
+        """The bad records the plan met (and skipped) while filling sequence ``index``."""
+        self.members(index)
+        return self._block_plan[index % self.plan_block][1]
 
     def _hold_block(self, block: int) -> None:
         start = max(b for b in self._starts if b <= block)
@@ -130,11 +148,13 @@ class TrainingSequences(torch.utils.data.Dataset):
         self._block, self._block_plan = block, plan
 
     def _state(self) -> dict:
-        return {"taken": list(self._stream.taken), "tokens": list(self._stream.tokens), "pending": self._pending}
+        return {"taken": list(self._stream.taken), "tokens": list(self._stream.tokens), "pending": self._pending,
+                "bad": self._bad}
 
     def _restore(self, state: dict) -> None:
         self._stream.taken, self._stream.tokens = list(state["taken"]), list(state["tokens"])
         self._pending = tuple(state["pending"]) if state["pending"] else None
+        self._bad = state["bad"]
 
     def _remember_start(self, block: int) -> None:
         self._starts[block] = self._state()
@@ -163,32 +183,58 @@ class TrainingSequences(torch.utils.data.Dataset):
         what = {
             "version": PLAN_VERSION, "block": self.plan_block, "seq_length": self.seq_length, "pack": self.pack,
             "schedule": self.schedule, "global_batch_size": self.global_batch_size, "total_steps": self.total_steps,
-            "shares": self._stream.shares, "seed": self._stream.seed,
+            "shares": self._stream.shares, "seed": self._stream.seed, "max_bad_fraction": self.max_bad_fraction,
             "tokenizer": hashlib.sha256(self.tokenizer.tok.to_str().encode()).hexdigest(),
             "sources": [[s.reader.manifest.get("sha256") or str(s.reader.dir.resolve()), len(s), s.task,
                          s.patch_size, s.downsample, s.max_tiles] for s in self.sources],
         }
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _next_members(self, tile: int) -> list[tuple[int, int]]:
-        members, used = [], 0
+    def _next_members(self, tile: int) -> tuple[list[tuple[int, int]], list[dict]]:
+        members, skipped, used = [], [], 0
         while True:
             candidate = self._pending or self._stream.next()
             self._pending = None
-            length = min(self._sample(*candidate, tile).num_tokens, self.seq_length)
+            try:
+                length = min(self._sample(*candidate, tile).num_tokens, self.seq_length)
+            except BadRecord as error:
+                skipped.append(self._skip(candidate, error))
+                continue
             if members and used + length > self.seq_length:
                 self._pending = candidate  # starts the next sequence
-                return members
+                return members, skipped
             members.append(candidate)
             self._stream.account(candidate[0], length)
             used += length
             if not self.pack:
-                return members
+                return members, skipped
+
+    def _skip(self, candidate: tuple[int, int], error: BadRecord) -> dict:
+        self._bad += 1
+        read = sum(self._stream.taken)
+        source = self.sources[candidate[0]]
+        if self._bad > self.max_bad_fraction * max(read, MIN_RECORDS_FOR_CEILING):
+            raise BadDataError(
+                f"{self._bad} bad records in the first {read} read from {source.reader.dir} and the other sources, "
+                f"more than dataset.max_bad_fraction={self.max_bad_fraction} allows (counting at least "
+                f"{MIN_RECORDS_FOR_CEILING} records); the latest: {error}. Repair or rebuild the shards with "
+                "data_prep, or raise dataset.max_bad_fraction")
+        return {"source": candidate[0], "index": candidate[1], "reason": str(error)}
 
     def __getitem__(self, index: int) -> dict:
         tile = self.view_size(index)
-        samples = [(source, self._sample(source, i, tile)) for source, i in self.members(index)]
-        return build_sequence(samples, self.seq_length, self.tokenizer.pad_id, tile)
+        samples, skipped = [], list(self.skipped(index))
+        for source, i in self.members(index):
+            try:
+                sample = self._sample(source, i, tile)
+                sample.decode()
+            except BadRecord as error:  # the header read but the pixels did not: dropped from this sequence
+                skipped.append({"source": source, "index": i, "reason": str(error)})
+                continue
+            samples.append((source, sample))
+        item = build_sequence(samples, self.seq_length, self.tokenizer.pad_id, tile)
+        item["skipped"] = skipped
+        return item
 
     @staticmethod
     def collate_fn(items: list[dict]) -> dict:
@@ -203,6 +249,7 @@ class TrainingSequences(torch.utils.data.Dataset):
         batch["images"] = torch.cat([item["images"] for item in items])
         batch["image_grids"] = torch.cat([item["image_grids"] for item in items])
         batch["samples"] = [item["samples"] for item in items]
+        batch["skipped"] = [record for item in items for record in item.get("skipped", [])]
         return batch
 
 

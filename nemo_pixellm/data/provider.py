@@ -111,6 +111,7 @@ class PixelLMDataConfig(DatasetProvider):
     seed: int = 1234
     tokenizer_path: str | None = None
     tokenizer_vocab_size: int = 512
+    max_bad_fraction: float = 0.01  # bad records (skipped and counted) above this share of those read stop the run
 
     def cache(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
@@ -125,12 +126,10 @@ class PixelLMDataConfig(DatasetProvider):
             train = ensure_synthetic(self.cache(), "train", self.synthetic_train_samples, self.seed, self.image_size)
             valid = ensure_synthetic(self.cache(), "heldout", self.synthetic_valid_samples, self.seed + 1, self.image_size)
             return train, valid
-        train = Path(self.path)
-        ShardReader(train)  # fails now, with the fix in the message, if the directory is not a shard set
-        return train, Path(self.valid_path) if self.valid_path else None
+        return Path(self.path), Path(self.valid_path) if self.valid_path else None
 
-    def _samples(self, path, tokenizer, task) -> ShardSamples:
-        return ShardSamples(path, tokenizer, task, self.patch_size, self.downsample, self.max_tiles)
+    def _samples(self, path, tokenizer, task, key: str = "dataset.path") -> ShardSamples:
+        return ShardSamples(path, tokenizer, task, self.patch_size, self.downsample, self.max_tiles, key)
 
     def train_dataset(self, tokenizer, num_sequences: int) -> TrainingSequences:
         train_path, _ = self.resolve_paths()
@@ -139,21 +138,20 @@ class PixelLMDataConfig(DatasetProvider):
             text_path = self.text_path or (
                 ensure_synthetic_text(self.cache(), self.synthetic_text_samples, self.seed + 2) if self.path is None
                 else None)
-            if text_path is None:
-                raise ValueError(f"dataset.text_ratio={self.text_ratio} needs dataset.text_path (text-only shards "
-                                 "from data_prep.text), or text_ratio=0")
-            sources.append(self._samples(text_path, tokenizer, "text"))
+            sources.append(self._samples(text_path, tokenizer, "text", "dataset.text_path"))
             shares.append(self.text_ratio)
         return TrainingSequences(sources, shares, tokenizer, self.seq_length, num_sequences, self.image_size,
                                  self.resolution_schedule, self.global_batch_size, self.pack, self.seed,
-                                 plan_cache=self.cache() / "plans")
+                                 plan_cache=self.cache() / "plans", max_bad_fraction=self.max_bad_fraction)
 
     def valid_dataset(self, tokenizer) -> TrainingSequences | None:
         _, valid_path = self.resolve_paths()
         if valid_path is None:
             return None
-        return TrainingSequences([self._samples(valid_path, tokenizer, self.task)], [1.0], tokenizer,
-                                 self.seq_length, None, self.image_size, seed=self.seed)
+        key = "dataset.valid_path" if self.path else "dataset.path"
+        return TrainingSequences([self._samples(valid_path, tokenizer, self.task, key)], [1.0], tokenizer,
+                                 self.seq_length, None, self.image_size, seed=self.seed,
+                                 max_bad_fraction=self.max_bad_fraction)
 
     def build_datasets(self, context: DatasetBuildContext):
         tokenizer = self.load_tokenizer()

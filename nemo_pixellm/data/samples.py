@@ -15,10 +15,10 @@ import io
 import json
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from nemo_pixellm import tiling
-from nemo_pixellm.data.shards import ShardReader
+from nemo_pixellm.data.shards import BadRecord, ShardReader
 from nemo_pixellm.data.tokenizer import PixelTokenizer
 
 TASKS = ("caption", "vqa", "chat", "text")
@@ -33,6 +33,14 @@ class Sample:
     segments: list[tuple]
     image: Image.Image | None = None
     tile: int = 0
+
+    def decode(self) -> None:
+        """Decode the image's pixels now (planning read only its header): a corrupt image raises BadRecord."""
+        if self.image is not None:
+            try:
+                self.image.load()
+            except (OSError, SyntaxError, ValueError, EOFError) as error:
+                raise BadRecord(f"{self.key}: corrupt image ({error})") from None
 
     @property
     def num_tokens(self) -> int:
@@ -78,10 +86,10 @@ class ShardSamples:
     """The samples of one shard directory for one task; index i >= len wraps (epochs)."""
 
     def __init__(self, shard_dir, tokenizer: PixelTokenizer, task: str, patch_size: int = 14, downsample: int = 2,
-                 max_tiles: int = tiling.MAX_TILES):
+                 max_tiles: int = tiling.MAX_TILES, key: str = "dataset.path"):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-        self.reader = ShardReader(shard_dir)
+        self.reader = ShardReader(shard_dir, key)
         self.tokenizer, self.task = tokenizer, task
         self.patch_size, self.downsample, self.max_tiles = patch_size, downsample, max_tiles
 
@@ -90,18 +98,28 @@ class ShardSamples:
 
     def sample(self, index: int, tile: int, max_tokens: int) -> Sample:
         """The sample with its image laid out for ``tile``-pixel views, within ``max_tokens`` if tiling allows.
-        The image is opened lazily: computing lengths decodes only its header."""
+        The image is opened lazily: computing lengths decodes only its header. A record that cannot become
+        a sample raises BadRecord."""
         raw = self.reader[index % len(self.reader)]
-        meta = json.loads(raw["json"])
+        key = raw["__key__"]
+        try:
+            meta = json.loads(raw["json"])
+            check_fields(meta, self.task)
+        except KeyError:
+            raise BadRecord(f"{key}: no json member") from None
+        except (ValueError, UnicodeDecodeError, TypeError) as error:  # JSONDecodeError is a ValueError
+            raise BadRecord(f"{key}: malformed record ({error})") from None
         tok = self.tokenizer
         if self.task == "text":
-            return Sample(raw["__key__"], [("text", tok.encode(meta["text"]) + [tok.eos_id], True)])
-        image = Image.open(io.BytesIO(raw["jpg"])) if "jpg" in raw else None
+            return Sample(key, [("text", tok.encode(meta["text"]) + [tok.eos_id], True)])
+        image = open_image(key, raw["jpg"]) if "jpg" in raw else None
+        if image is None and (self.task != "chat" or any(IMAGE_PLACEHOLDER in t["value"] for t in meta["conversations"])):
+            raise BadRecord(f"{key}: missing image (no jpg member)")
         # Fewer tiles when the full tiling leaves no room for the text (DeepSeek-VL2 would truncate).
         for max_tiles in dict.fromkeys((self.max_tiles, min(self.max_tiles, 1), 0)):
             layout = None if image is None else tiling.image_layout(
                 *image.size, tile=tile, patch=self.patch_size, downsample=self.downsample, max_tiles=max_tiles)
-            sample = Sample(raw["__key__"], self._segments(meta, index, layout), image, tile)
+            sample = Sample(key, self._segments(meta, index, layout), image, tile)
             if sample.prompt_tokens < max_tokens:
                 break
         return sample
@@ -117,6 +135,43 @@ class ShardSamples:
         else:
             turns = meta["conversations"]
         return chat_segments(tok, turns, image if layout is not None else None)
+
+
+# The field each task reads: (name, type, the string fields of each entry of a list).
+TASK_FIELDS = {"caption": ("caption", str, ()), "vqa": ("qa", list, ("q", "a")),
+               "chat": ("conversations", list, ("from", "value")), "text": ("text", str, ())}
+
+
+def check_fields(meta, task: str) -> None:
+    """ValueError naming what the task needs that the record lacks."""
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    name, kind, entry_fields = TASK_FIELDS[task]
+    value = meta.get(name)
+    if not isinstance(value, kind) or not value:
+        raise ValueError(f"dataset.task={task} needs a non-empty {kind.__name__} field {name!r}; the record has "
+                         f"{sorted(meta)}")
+    for entry in value if entry_fields else ():
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(f), str) for f in entry_fields):
+            raise ValueError(f"every entry of {name!r} needs string fields {', '.join(entry_fields)}")
+
+
+# What a complete file of each format ends with: a truncated image fails this without decoding its pixels.
+IMAGE_ENDS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def open_image(key: str, data: bytes) -> Image.Image:
+    """The image, header read and end checked (pixels decode later, when the sequence is built)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadRecord(f"{key}: corrupt image (not a format PIL reads)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadRecord(f"{key}: corrupt image ({error})") from None
+    end = IMAGE_ENDS.get(image.format)
+    if end is not None and end not in data[-64:]:
+        raise BadRecord(f"{key}: truncated {image.format} image ({len(data)} bytes, no end marker)")
+    return image
 
 
 def chat_segments(tok: PixelTokenizer, turns: list[dict], image_segment) -> list[tuple]:

@@ -75,46 +75,113 @@ def write_shards(records, out_dir: str | os.PathLike, shard_size: int, prefix: s
     return manifest
 
 
-class ShardReader:
-    """Random access to the samples of a shard directory: ``reader[i] -> {"__key__", ext: bytes, ...}``."""
+class BadRecord(ValueError):
+    """A record that cannot become a sample (damaged shard, malformed JSON, corrupt or missing image):
+    training skips it and counts it."""
 
-    def __init__(self, shard_dir: str | os.PathLike):
+
+def _check_member_name(shard: Path, name: str) -> None:
+    """Shards hold flat ``key.ext`` members; an absolute or ``..`` name marks a tar not written by data_prep."""
+    if name.startswith("/") or ".." in Path(name).parts:
+        raise ValueError(f"{shard}: tar member {name!r} is an absolute or '..' path; shards hold flat 'key.ext' "
+                         "members: rebuild the shard set with data_prep")
+
+
+def _index_shard(path: Path, expected: int, first_only: bool = False) -> list[tuple]:
+    """``(path, {ext: (offset, size)}, key)`` per sample, or ``(None, reason, key)`` for the samples a damaged
+    shard no longer holds, so every later shard keeps its sample indices. A tar cut short (a truncated member,
+    an interrupted copy, an empty file) keeps the samples before the damage."""
+    samples, damage = {}, None
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise EOFError("empty file")
+        with tarfile.open(path) as tar:
+            for member in tar:
+                _check_member_name(path, member.name)
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if first_only and samples and key not in samples:
+                    return [(path, exts, k) for k, exts in samples.items()]
+                if member.offset_data + member.size > size:
+                    damage = f"truncated tar member {member.name}"
+                    samples.pop(key, None)  # the sample the cut went through is incomplete
+                    break
+                samples.setdefault(key, {})[ext] = (member.offset_data, member.size)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        damage = f"unreadable shard ({str(error).splitlines()[0]})"
+        if samples:  # the last sample read may have lost members to the damage
+            samples.pop(next(reversed(samples)))
+    index = [(path, exts, key) for key, exts in samples.items()]
+    if len(index) > expected:
+        raise ValueError(f"{path}: the manifest lists {expected} samples but the shard holds {len(index)}: "
+                         "the manifest belongs to other shards; rebuild the set with data_prep")
+    reason = damage or "sample missing from the shard"
+    index += [(None, f"{path.name}: {reason}", f"{path.stem}#{i}") for i in range(len(index), expected)]
+    return index
+
+
+class ShardReader:
+    """Random access to the samples of a shard directory: ``reader[i] -> {"__key__", ext: bytes, ...}``.
+
+    A sample a damaged shard lost raises ``BadRecord``; every other index still finds its sample."""
+
+    def __init__(self, shard_dir: str | os.PathLike, key: str = "dataset.path"):
         self.dir = Path(shard_dir)
         manifest_path = self.dir / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(
-                f"no {MANIFEST} in {self.dir}: point data.path at a directory written by data_prep "
-                "(or leave data.path unset to use the synthetic set)"
+                f"no {MANIFEST} in {self.dir}: point {key} at a directory written by data_prep"
+                + (" (or leave dataset.path unset to use the synthetic set)" if key == "dataset.path" else "")
             )
-        self.manifest = json.loads(manifest_path.read_text())
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+            self.manifest["samples"], self.manifest["shards"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{manifest_path} is not a data_prep manifest ({error}): rebuild {self.dir} with data_prep")
         self._index = None  # [(shard_path, {ext: (offset, size)}, key)], built lazily per process
 
     def __len__(self) -> int:
         return self.manifest["samples"]
 
+    def first_record(self) -> dict | None:
+        """The first sample of the first non-empty shard, read from that shard alone (no index of the set);
+        None when it cannot be read (training then skips it like any bad record)."""
+        shard = next((shard for shard in self.manifest["shards"] if shard["samples"]), None)
+        if shard is None:
+            return None
+        entries = _index_shard(self.dir / shard["name"], shard["samples"], first_only=True)
+        path, exts, key = entries[0]
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            record = {"__key__": key}
+            for ext, (offset, size) in exts.items():
+                f.seek(offset)
+                record[ext] = f.read(size)
+        return record
+
     def _build_index(self):
         index = []
         for shard in self.manifest["shards"]:
-            path = self.dir / shard["name"]
-            samples = {}
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    samples.setdefault(key, {})[ext] = (member.offset_data, member.size)
-            index.extend((path, exts, key) for key, exts in samples.items())
-        if len(index) != len(self):
-            raise ValueError(f"{self.dir}: manifest lists {len(self)} samples but the shards hold {len(index)}")
+            index.extend(_index_shard(self.dir / shard["name"], shard["samples"]))
         return index
 
     def __getitem__(self, i: int) -> dict:
         if self._index is None:
             self._index = self._build_index()
         path, exts, key = self._index[i]
+        if path is None:
+            raise BadRecord(exts)
         sample = {"__key__": key}
-        with open(path, "rb") as f:
-            for ext, (offset, size) in exts.items():
-                f.seek(offset)
-                sample[ext] = f.read(size)
+        try:
+            with open(path, "rb") as f:
+                for ext, (offset, size) in exts.items():
+                    f.seek(offset)
+                    sample[ext] = f.read(size)
+                    if len(sample[ext]) != size:
+                        raise BadRecord(f"{path.name}: truncated tar member {key}.{ext}")
+        except OSError as error:
+            raise BadRecord(f"{path.name}: unreadable ({error})") from None
         return sample

@@ -34,7 +34,7 @@ class PixelTokenizer:
     def from_dir(cls, path: str | os.PathLike) -> "PixelTokenizer":
         file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
         if not file.is_file():
-            raise FileNotFoundError(f"tokenizer not found: {file} (set tokenizer.path to a directory with tokenizer.json)")
+            raise FileNotFoundError(f"tokenizer not found: {file} (set dataset.tokenizer_path to a directory with tokenizer.json, or leave it unset for the synthetic BPE)")
         return cls(Tokenizer.from_file(str(file)))
 
 

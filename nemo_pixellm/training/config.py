@@ -28,7 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_pixellm.data.provider import PixelLMDataConfig
 from nemo_pixellm.models.provider import PixelLMProvider
-from nemo_pixellm.training.validate import ConfigError, validate_layout
+from nemo_pixellm.training.validate import (
+    ConfigError,
+    validate_data,
+    validate_layout,
+    validate_model_keys,
+    validate_run,
+    validate_stage,
+)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 STAGES = ("stage1", "stage1_5", "stage2", "stage3", "stage4")
@@ -95,9 +102,12 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
     sections = {name: _section(cfg, name) for name in SECTIONS}
 
     dataset = PixelLMDataConfig(**sections["dataset"])
+    validate_data(dataset)
+    validate_stage(stage)
+    model_values = sections["model"]
+    validate_model_keys(model_values)
     tokenizer = dataset.load_tokenizer()
 
-    model_values = sections["model"]
     if model_values.get("vocab_size") is None:
         # Round up once, here, so the embedding is the same at every TP size (Megatron's own padding
         # depends on TP, which would change the model between layouts).
@@ -134,13 +144,12 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
               f"stays there until train.train_iters={train.train_iters}", flush=True)
     checkpoint_values = sections["checkpoint"]
     if stage.get("init_from"):
-        if not Path(stage.init_from).exists():
-            raise ConfigError(f"stage.init_from={stage.init_from} does not exist (give the previous stage's checkpoint.save)")
         checkpoint_values["pretrained_checkpoint"] = str(stage.init_from)
     if checkpoint_values.get("save") and checkpoint_values.get("save_interval") is None:
         checkpoint_values["save_interval"] = train.train_iters
     if checkpoint_values.get("load") and not Path(checkpoint_values["load"]).exists():
-        raise ConfigError(f"checkpoint.load={checkpoint_values['load']} does not exist")
+        raise ConfigError(f"checkpoint.load={checkpoint_values['load']} does not exist: give a checkpoint.save "
+                          "directory (an empty one starts fresh), or drop checkpoint.load")
 
     logger_values = sections["logger"]
     if logger_values.get("tensorboard_dir"):
@@ -162,4 +171,5 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
         mixed_precision=cfg.get("mixed_precision"),
     )
     validate_layout(container, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    validate_run(cfg, container)
     return container

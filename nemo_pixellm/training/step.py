@@ -15,6 +15,7 @@ def next_batch(data_iterator, device: torch.device) -> dict:
 
 _last_view_size = None
 seen_sample_keys: list[str] = []  # this rank's training samples since the last step end (ProgressCallback logs them)
+seen_skipped: list[dict] = []  # the bad records the data skipped for those samples
 
 
 def log_resolution_change(step: int, images) -> None:
@@ -47,6 +48,7 @@ def forward_step(state: GlobalState, data_iterator, model, return_schedule_plan:
     if model.training:
         log_resolution_change(state.train_state.step, batch.get("images"))
         seen_sample_keys.extend(key for sequence in batch.get("samples", []) for _, key, _ in sequence)
+        seen_skipped.extend(batch.get("skipped", []))
     rerun = state.cfg.rerun_state_machine
     loss_fn = partial(
         masked_next_token_loss, batch["loss_mask"],

@@ -1,10 +1,135 @@
-"""Checks that fail before any process group, model or data is built, each naming the fix."""
+"""Checks that fail before any process group, model or data is built, each naming the fix.
+
+``build_config`` runs them all, so ``nemo_pixellm.launch --dry-run`` on a login node catches the same errors.
+"""
+
+import json
+from pathlib import Path
 
 from nemo_pixellm.models.backend import resolve_use_te
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says which key to change."""
+
+
+# Provider fields build_config sets from elsewhere: the key a user sets instead.
+DERIVED_MODEL_KEYS = {
+    "vision_patch_size": "dataset.patch_size (the data cuts the patches the tower embeds)",
+    "projector_downsample": "dataset.downsample (the data lays out tokens after the pixel-unshuffle)",
+    "image_token_id": "the tokenizer (dataset.tokenizer_path): its <image> token",
+    "trainable_modules": "stage.trainable",
+}
+MODULE_NAMES = ("vision_model", "projector", "language_model")
+
+
+def validate_model_keys(model_values: dict) -> None:
+    for key, instead in DERIVED_MODEL_KEYS.items():
+        if key in model_values:
+            raise ConfigError(f"model.{key} is set from {instead}: drop model.{key} and set that instead")
+
+
+def _check_shards(path, key: str, task: str) -> None:
+    """A data_prep shard set whose first record has what ``task`` reads."""
+    from nemo_pixellm.data.samples import check_fields
+    from nemo_pixellm.data.shards import ShardReader
+
+    try:
+        reader = ShardReader(path, key)
+        record = reader.first_record()
+    except (OSError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    if record is None or "json" not in record:
+        return  # unreadable: training skips and counts it like any bad record
+    try:
+        meta = json.loads(record["json"])
+    except ValueError:
+        return
+    try:
+        check_fields(meta, task)
+    except ValueError as error:
+        tool = reader.manifest.get("settings", {}).get("tool", "unknown")
+        raise ConfigError(f"{key}={path} does not hold dataset.task={task} records (written by data_prep.{tool}; "
+                          f"first record: {error}): choose the task the shards were written for "
+                          "(caption, vqa, chat, text) or another directory") from None
+
+
+def validate_data(data) -> None:
+    """The dataset section: every path, the task, the shares; what a data loader worker would hit later."""
+    from nemo_pixellm.data.samples import TASKS
+
+    if data.task not in TASKS:
+        raise ConfigError(f"dataset.task={data.task}: choose one of {', '.join(TASKS)}")
+    if not 0.0 <= data.text_ratio < 1.0:
+        raise ConfigError(f"dataset.text_ratio={data.text_ratio}: give the text-only share of tokens in [0, 1)")
+    if not 0.0 <= data.max_bad_fraction < 1.0:
+        raise ConfigError(f"dataset.max_bad_fraction={data.max_bad_fraction}: give a share in [0, 1) "
+                          "(0 stops at the first bad record)")
+    if data.tokenizer_path is not None:
+        file = Path(data.tokenizer_path)
+        if not (file / "tokenizer.json").is_file() and not (file.is_file() and file.suffix == ".json"):
+            raise ConfigError(f"dataset.tokenizer_path={data.tokenizer_path} holds no tokenizer.json: point it at a "
+                              "Hugging Face tokenizer directory, or leave it unset for the synthetic BPE")
+    if data.path is None:
+        if data.task == "text":
+            raise ConfigError("dataset.task=text trains on text-only records, which the synthetic set does not have "
+                              "(its records are images with captions, questions and conversations): set "
+                              "dataset.path=<text shards from data_prep.text>, or keep an image task and mix in "
+                              "synthetic text with dataset.text_ratio=0.3")
+        if data.valid_path is not None:
+            raise ConfigError("dataset.valid_path is used with dataset.path only (the synthetic set brings its own "
+                              "held-out split): set dataset.path too, or drop dataset.valid_path")
+        return
+    _check_shards(data.path, "dataset.path", data.task)
+    if data.valid_path is not None:
+        _check_shards(data.valid_path, "dataset.valid_path", data.task)
+    if data.text_ratio > 0:
+        if data.text_path is None:
+            raise ConfigError(f"dataset.text_ratio={data.text_ratio} mixes in text-only shards: set "
+                              "dataset.text_path=<data_prep.text output>, or dataset.text_ratio=0")
+        _check_shards(data.text_path, "dataset.text_path", "text")
+
+
+def validate_stage(stage) -> None:
+    trainable = stage.get("trainable")
+    unknown = sorted(set(trainable or ()) - set(MODULE_NAMES))
+    if unknown:
+        raise ConfigError(f"stage.trainable names {unknown}: choose from {', '.join(MODULE_NAMES)} (null = all)")
+    init_from = stage.get("init_from")
+    if init_from:
+        path = Path(init_from)
+        if not path.exists():
+            raise ConfigError(f"stage.init_from={init_from} does not exist (give the previous stage's checkpoint.save)")
+        if not (path / "latest_checkpointed_iteration.txt").is_file() and not path.name.startswith("iter_"):
+            raise ConfigError(f"stage.init_from={init_from} is not a checkpoint directory (no "
+                              "latest_checkpointed_iteration.txt): give the previous stage's checkpoint.save after "
+                              "that stage has finished")
+
+
+def validate_run(cfg, container) -> None:
+    """Keys that only make sense together, and precision the backend can run."""
+    m = container.model
+    precision = str(cfg.get("mixed_precision") or "")
+    if ("fp8" in precision or m.fp8) and not resolve_use_te(m.use_te):
+        raise ConfigError(f"FP8 ({'mixed_precision=' + precision if precision else 'model.fp8=' + str(m.fp8)}) runs "
+                          "through Transformer Engine, which this run does not use (model.use_te resolves to false: "
+                          "not installed, or switched off): install the [gpu] extra / use the Dockerfile's image with "
+                          "model.use_te=true, or choose mixed_precision=bf16_mixed (GPU) or null (fp32)")
+    if container.ddp.use_distributed_optimizer != container.optimizer.use_distributed_optimizer:
+        raise ConfigError("ddp.use_distributed_optimizer and optimizer.use_distributed_optimizer differ: set "
+                          "optimizer.use_distributed_optimizer only (conf/config.yaml passes it on to ddp)")
+    if container.train.exit_signal_handler and not container.checkpoint.save:
+        raise ConfigError("train.exit_signal_handler=true saves a checkpoint on the exit signal: set checkpoint.save "
+                          "too, or train.exit_signal_handler=false")
+    if cfg.vqa_eval.interval:
+        if m.pipeline_model_parallel_size > 1:
+            raise ConfigError("vqa_eval.interval decodes on each rank and needs pipeline_model_parallel_size=1: set "
+                              "vqa_eval.interval=null and run nemo_pixellm.evaluate on the checkpoints instead")
+        if container.dataset.path is not None and container.dataset.valid_path is None:
+            raise ConfigError("vqa_eval.interval asks the held-out questions of dataset.valid_path, which is unset: "
+                              "set dataset.valid_path=<shards with qa lists> or vqa_eval.interval=null")
+        if container.dataset.valid_path is not None:
+            _check_shards(container.dataset.valid_path, "dataset.valid_path", "vqa")
 
 
 def validate_layout(cfg, world_size: int) -> None:
