@@ -72,6 +72,8 @@ def build(job: Job, out_dir, shard_size: int, workers: int = 1, prefix: str = "s
     """Write ``job`` as shards plus manifest into ``out_dir``, keeping shards a previous run finished."""
     if shard_size < 1 or workers < 1:
         raise ValueError("shard_size and workers must be at least 1")
+    if "/" in prefix or prefix.startswith("."):
+        raise ValueError(f"shard prefix {prefix!r} would write outside the output directory: give a plain name")
     out = Path(out_dir)
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
     settings = {"tool": job.tool, "input_items": len(job.items), "shard_size": shard_size, "prefix": prefix,
@@ -85,6 +87,8 @@ def build(job: Job, out_dir, shard_size: int, workers: int = 1, prefix: str = "s
             raise SystemExit(f"{out} holds shards written with other settings ({path.name}): "
                              "write to a new --out directory or delete this one")
         shard = out / record["name"]
+        if shard.parent != out:
+            raise SystemExit(f"{path} names {record['name']!r}, outside {out}: delete {out / PROGRESS} and rerun")
         if shard.is_file() and shard.stat().st_size == record["bytes"]:
             done[record["name"]] = record
     (out / MANIFEST).unlink(missing_ok=True)  # until this run finishes
@@ -237,6 +241,9 @@ def load_jpeg(images_dir: Path, relative: str) -> bytes:
     and encoded at quality 95. A missing or undecodable image raises Skip.
     """
     path = images_dir / relative
+    if not path.resolve().is_relative_to(images_dir.resolve()):  # an absolute or ../ path in the input record
+        raise Skip(f"image path {relative} is outside the images directory {images_dir}: point --images at a "
+                   "directory that holds it")
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import nemo_pixellm  # noqa: F401  (installs the CPU layer when CUDA is absent)
 from nemo_pixellm.data.dataset import BadDataError
+from nemo_pixellm.training.checkpoints import CheckpointSaveError, failed_save
 from nemo_pixellm.training.validate import ConfigError
 
 # Megatron-Bridge is imported inside run(): the checkpoint writer spawns a process that re-imports this module,
@@ -27,21 +28,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def finished_step(container) -> int | None:
-    """The step of checkpoint.load's latest checkpoint when it already reached train.train_iters (a finished
-    run launched again, e.g. a Slurm requeue after the final save), else None."""
-    load = container.checkpoint.load
-    tracker = Path(load) / "latest_checkpointed_iteration.txt" if load else None
-    if tracker is None or not tracker.is_file() or container.checkpoint.ckpt_step is not None:
+def prepare_resume(container, ema: bool) -> int | None:
+    """Rank 0 makes checkpoint.load consistent (a save cut short by a kill or a full disk is removed, the
+    trackers name the newest complete checkpoint); returns that step when it already reached train.train_iters
+    (a finished run launched again, e.g. a Slurm requeue after the final save), else None. Every rank reaches
+    the same answer: complete checkpoints are never touched."""
+    from nemo_pixellm.training.checkpoints import newest_complete, recover
+
+    load, ranks = container.checkpoint.load, int(os.environ.get("WORLD_SIZE", "1"))
+    if not load or container.checkpoint.ckpt_step is not None:
         return None
-    text = tracker.read_text().strip()
-    if not text.isdigit() or container.train.train_iters is None or int(text) < container.train.train_iters:
+    if os.environ.get("RANK", "0") == "0":
+        for line in recover(load, ranks, ema):
+            print(f"[pixellm] checkpoint.load={load}: {line}", flush=True)
+    step = newest_complete(load, ranks, ema)
+    if step is None or container.train.train_iters is None or step < container.train.train_iters:
         return None
-    return int(text)
+    return step
 
 
 def run(cfg: DictConfig) -> None:
     from megatron.bridge.training.pretrain import pretrain
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())  # one process: not the default 29500 another run may hold
@@ -53,7 +61,7 @@ def run(cfg: DictConfig) -> None:
     from nemo_pixellm.training.step import forward_step
 
     container = build_config(cfg)
-    if (step := finished_step(container)) is not None:
+    if (step := prepare_resume(container, cfg.ema.enabled)) is not None:
         if os.environ.get("RANK", "0") == "0":
             print(f"[pixellm] nothing to train: checkpoint.load={container.checkpoint.load} is at step {step}, "
                   f"train.train_iters={container.train.train_iters} is reached (raise train.train_iters to continue)",
@@ -65,7 +73,12 @@ def run(cfg: DictConfig) -> None:
         callbacks.append(ema)
     if cfg.vqa_eval.interval:
         callbacks.append(VQAEvalCallback(cfg.vqa_eval.interval, cfg.vqa_eval.samples, ema))
-    pretrain(container, forward_step, callbacks=callbacks)
+    try:
+        pretrain(container, forward_step, callbacks=callbacks)
+    except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+        if (what := failed_save(container.checkpoint.save)) is None:
+            raise
+        raise CheckpointSaveError(f"{what} ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})") from error
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
@@ -73,8 +86,13 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (ConfigError, NotImplementedError, FileNotFoundError, BadDataError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        # A data loader worker's error arrives with the worker's traceback in its text: keep the message.
+        message = str(err).strip().splitlines()[-1] if "Original Traceback" in str(err) else str(err)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except CheckpointSaveError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # Bridge's checkpoint path spawns processes that re-import __main__

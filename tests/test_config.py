@@ -87,20 +87,22 @@ def test_missing_stage_and_stage4():
         build_config(compose_cfg(["+stage=stage4"]), world_size=1)
 
 
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    """Caption shards, text-only shards, a tokenizer directory, an empty directory and a finished-looking and
-    an unfinished checkpoint directory."""
+def write_bad_config_dirs(root):
+    """Caption shards, text-only shards, a directory without a tokenizer and an empty directory."""
     from nemo_pixellm.data.provider import text_record
     from nemo_pixellm.data.shards import write_shards
     from nemo_pixellm.data.synthetic import scene_record
 
-    root = tmp_path_factory.mktemp("bad-config")
     write_shards((scene_record(3, i, 56) for i in range(4)), root / "captions", shard_size=2)
     write_shards((text_record(3, i) for i in range(4)), root / "text", shard_size=2)
     (root / "tok").mkdir()
     (root / "empty").mkdir()
     return root
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    return write_bad_config_dirs(tmp_path_factory.mktemp("bad-config"))
 
 
 # Every error build_config raises before a model or process group exists (the table of issue 19): overrides

@@ -270,3 +270,25 @@ def test_coco_file_that_is_not_json_is_a_clear_error(tmp_path, capsys):
         coco.main(["--captions", str(tmp_path / "captions.json"), "--images", str(tmp_path),
                    "--out", str(tmp_path / "o")])
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_image_paths_outside_the_images_directory_are_skipped(tmp_path):
+    """A record naming ../secret.jpg or an absolute path never copies that file into the shards."""
+    images = tmp_path / "images"
+    save(gradient(), images / "good.jpg", "JPEG")
+    save(gradient(), tmp_path / "secret.jpg", "JPEG")
+    rows = [{"image": "good.jpg", "question": "Q?", "chosen": "A.", "rejected": "B."},
+            {"image": "../secret.jpg", "question": "Q?", "chosen": "A.", "rejected": "B."},
+            {"image": str(tmp_path / "secret.jpg"), "question": "Q?", "chosen": "A.", "rejected": "B."}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    manifest = run_preference(tmp_path / "pairs.jsonl", images, tmp_path / "out")
+    assert manifest["samples"] == 1
+    assert [s["item"] for s in manifest["skipped"]] == ["line 2", "line 3"]
+    assert all("is outside the images directory" in s["reason"] for s in manifest["skipped"])
+
+
+def test_shard_prefix_cannot_leave_the_output_directory(tmp_path):
+    job = common.Job(tool="t", items=[("0", 0)], convert=lambda payload: {"json": b"{}"}, settings={})
+    with pytest.raises(ValueError, match="would write outside the output directory"):
+        common.build(job, tmp_path / "out", shard_size=1, prefix="../escaped")
+    assert not (tmp_path / "escaped-000000.tar").exists()

@@ -147,7 +147,9 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
         checkpoint_values["pretrained_checkpoint"] = str(stage.init_from)
     if checkpoint_values.get("save") and checkpoint_values.get("save_interval") is None:
         checkpoint_values["save_interval"] = train.train_iters
-    if checkpoint_values.get("load") and not Path(checkpoint_values["load"]).exists():
+    load = checkpoint_values.get("load")
+    first_run = load and checkpoint_values.get("save") and Path(load).absolute() == Path(checkpoint_values["save"]).absolute()
+    if load and not first_run and not Path(load).exists():  # load = save: a first run starts fresh (Slurm jobs)
         raise ConfigError(f"checkpoint.load={checkpoint_values['load']} does not exist: give a checkpoint.save "
                           "directory (an empty one starts fresh), or drop checkpoint.load")
 

@@ -6,6 +6,7 @@ directory (``iter_NNNNNNN/ema_rank00000.pt``); a resumed run reads it back, so E
 exactly. Resuming the EMA needs the same parallel layout; evaluation reads rank 0's file (1-process runs).
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -61,7 +62,9 @@ class EMACallback(Callback):
         save, step = context.state.cfg.checkpoint.save, context.state.train_state.step
         path = ema_file(Path(save) / f"iter_{step:07d}", _rank())
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.shadow, path)
+        aside = path.with_name(path.name + ".tmp")  # written aside and renamed: a kill leaves no half file
+        torch.save(self.shadow, aside)
+        os.replace(aside, path)
 
 
 def load_ema_into(model: torch.nn.Module, iteration_dir) -> bool:
