@@ -90,8 +90,9 @@ def test_dry_run_renders_a_valid_gpu_job(variant, capsys):
 
 def test_chain_submits_dependent_stages_from_previous_checkpoints(capsys, tmp_path):
     stages = ["stage1", "stage1_5", "stage2", "stage3"]
-    earlier = tmp_path / "earlier-run"  # a user's stage.init_from must exist; the chain's own appear as it runs
+    earlier = tmp_path / "earlier-run"  # a user's stage.init_from must be a checkpoint; the chain's own appear as it runs
     earlier.mkdir()
+    (earlier / "latest_checkpointed_iteration.txt").write_text("100")
     out, _ = dry_run([f"stages=[{','.join(stages)}]", "cluster=local_slurm", f"cluster.job_dir={tmp_path}",
                       f"stage.init_from={earlier}"], capsys)
     parts = re.split(r"^# ---- (\w+): sbatch (.*)$", out, flags=re.M)[1:]
@@ -121,6 +122,10 @@ def test_chain_submits_dependent_stages_from_previous_checkpoints(capsys, tmp_pa
          "world size 16 is not divisible"),
         (["variant=pixel", "cluster.nodes=1", "checkpoint.save=/elsewhere"], "checkpoint.save is set by the launcher"),
         (["variant=pixel", "cluster.nodes=1", "dataset.pack=true"], "with an attention mask that only the local backend"),
+        # Data errors too are caught on the login node, before any allocation.
+        (["variant=pixel", "cluster.nodes=1", "dataset.path=/no/such/shards"],
+         "no manifest.json in /no/such/shards: point dataset.path at a directory written by data_prep"),
+        (["variant=pixel", "cluster.nodes=1", "dataset.task=text"], "dataset.task=text trains on text-only records"),
     ],
 )
 def test_layout_that_cannot_run_is_refused(argv, message, capsys):
@@ -166,9 +171,10 @@ def test_memory_estimate_counts_every_parameter_once(capsys):
     assert sharded.weights_and_grads == est.weights_and_grads
 
 
-def test_slurm_jobs_turn_on_bridges_exit_signal_handler():
+def test_slurm_jobs_turn_on_bridges_exit_signal_handler(tmp_path):
     """The job line's train.exit_signal_handler=true arms Bridge's handler for Slurm's SIGUSR1, data workers too."""
-    train = build_config(compose_cfg(["+stage=stage2", "train.exit_signal_handler=true"]), world_size=1).train
+    job = ["+stage=stage2", "train.exit_signal_handler=true", f"checkpoint.save={tmp_path}", f"checkpoint.load={tmp_path}"]
+    train = build_config(compose_cfg(job), world_size=1).train
     assert (train.exit_signal, train.exit_signal_handler, train.exit_signal_handler_for_dataloader) == (
         signal.SIGUSR1, True, True)
     with pytest.raises(ConfigError, match="train.exit_signal=SIGFOO is not a signal name"):
