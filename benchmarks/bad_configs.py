@@ -9,6 +9,7 @@ Megatron-Bridge imports included), checking its exit code 2 and that nothing was
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ def main() -> None:
         error = next((line for line in proc.stderr.splitlines() if line.startswith("error:")), proc.stderr[-300:])
         print(f"CLI `{' '.join(overrides)}`: exit {proc.returncode} after {seconds:.1f} s, trained nothing: "
               f"{not (run_dir / 'metrics.jsonl').exists()}; {error.replace(str(dirs), '<d>')[:160]}")
+    shutil.rmtree(root)
 
 
 if __name__ == "__main__":

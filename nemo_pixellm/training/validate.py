@@ -48,8 +48,9 @@ def _check_shards(path, key: str, task: str) -> None:
     try:
         check_fields(meta, task)
     except ValueError as error:
-        tool = reader.manifest.get("settings", {}).get("tool", "unknown")
-        raise ConfigError(f"{key}={path} does not hold dataset.task={task} records (written by data_prep.{tool}; "
+        tool = reader.manifest.get("settings", {}).get("tool")
+        written = f"written by data_prep.{tool}; " if tool else ""
+        raise ConfigError(f"{key}={path} does not hold dataset.task={task} records ({written}"
                           f"first record: {error}): choose the task the shards were written for "
                           "(caption, vqa, chat, text) or another directory") from None
 
