@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 import nemo_pixellm  # noqa: F401  (installs the CPU layer when CUDA is absent)
 from nemo_pixellm.data.dataset import BadDataError
-from nemo_pixellm.training.checkpoints import CheckpointSaveError, failed_save
+from nemo_pixellm.training.checkpoints import CheckpointSaveError, failed_save, newest_complete, recover
 from nemo_pixellm.training.validate import ConfigError
 
 # Megatron-Bridge is imported inside run(): the checkpoint writer spawns a process that re-imports this module,
@@ -33,8 +33,6 @@ def prepare_resume(container, ema: bool) -> int | None:
     trackers name the newest complete checkpoint); returns that step when it already reached train.train_iters
     (a finished run launched again, e.g. a Slurm requeue after the final save), else None. Every rank reaches
     the same answer: complete checkpoints are never touched."""
-    from nemo_pixellm.training.checkpoints import newest_complete, recover
-
     load, ranks = container.checkpoint.load, int(os.environ.get("WORLD_SIZE", "1"))
     if not load or container.checkpoint.ckpt_step is not None:
         return None

@@ -12,7 +12,7 @@ from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
 
 from nemo_pixellm.data.dataset import TrainingSequences
 from nemo_pixellm.data.samples import ShardSamples
-from nemo_pixellm.data.shards import MANIFEST, ShardReader, write_shards
+from nemo_pixellm.data.shards import MANIFEST, write_shards
 from nemo_pixellm.data.synthetic import render_scene, scene_record
 from nemo_pixellm.data.tokenizer import PixelTokenizer, train_bpe
 
