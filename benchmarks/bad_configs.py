@@ -19,6 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from nemo_pixellm import compat  # noqa: E402
+
+compat.enable()
+
 from test_config import BAD_CONFIGS, compose_cfg, write_bad_config_dirs  # noqa: E402
 
 from nemo_pixellm.training.config import build_config  # noqa: E402

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
-import nemo_pixellm  # noqa: F401
-from nemo_pixellm.data.provider import PixelLMDataConfig
+from nemo_pixellm import compat
+
+compat.enable()
+
+from nemo_pixellm.data.provider import PixelLMDataConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-import nemo_pixellm  # noqa: F401  (CPU layer)
+from nemo_pixellm import compat
+
+compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
 
 
 @dataclass

@@ -15,7 +15,10 @@ import sys
 import torch
 from hydra import compose, initialize_config_dir
 
-import nemo_pixellm  # noqa: F401
+from nemo_pixellm import compat
+
+compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
+
 from nemo_pixellm.training.config import CONF_DIR, build_config
 
 BF16_BYTES = 2
@@ -73,7 +76,7 @@ def meta_model(provider):
     """``provider``'s model on the meta device, unsharded (the parallel sizes it is built with must be 1)."""
     from nemo_pixellm.distributed import single_process_groups
 
-    provider._pg_collection = single_process_groups()
+    compat.set_process_groups(provider, single_process_groups())
     provider.use_cpu_initialization = True  # allocate with the default device (meta), not current_device()
     provider.perform_initialization = False
     provider.finalize()

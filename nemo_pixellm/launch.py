@@ -23,21 +23,21 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nemo_pixellm.training.config import CONF_DIR, STAGES
-from nemo_pixellm.training.validate import ConfigError
+from nemo_pixellm import compat
+
+compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
+
+from nemo_pixellm.stages import OWNED_KEYS, StageRun, key, plan_chain  # noqa: E402
+from nemo_pixellm.training.config import CONF_DIR  # noqa: E402
+from nemo_pixellm.training.validate import ConfigError  # noqa: E402
 
 ROOT = CONF_DIR.parent
 LAUNCHER_KEYS = ("cluster", "stages")
-OWNED_KEYS = ("run_dir", "checkpoint.save", "checkpoint.load")  # set per stage from cluster.job_dir
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """(launcher overrides for conf/launch.yaml, training overrides for conf/config.yaml)."""
-    launcher = [o for o in argv if _key(o).split(".")[0] in LAUNCHER_KEYS]
+    launcher = [o for o in argv if key(o).split(".")[0] in LAUNCHER_KEYS]
     return launcher, [o for o in argv if o not in launcher]
 
 
@@ -46,39 +46,21 @@ def _compose(config_name: str, overrides: list[str]):
         return compose(config_name=config_name, overrides=overrides)
 
 
-def plan_stages(launch, training: list[str]) -> list[dict]:
-    """Per stage: its name, directory and the training overrides its job runs with."""
+def plan_stages(launch, training: list[str]) -> list[StageRun]:
+    """The chain's stages (or the one stage of +stage=), each job resuming from its own checkpoints."""
     for override in training:
-        if _key(override) in OWNED_KEYS:
-            raise ConfigError(f"{_key(override)} is set by the launcher (under cluster.job_dir); "
+        if key(override) in OWNED_KEYS:
+            raise ConfigError(f"{key(override)} is set by the launcher (under cluster.job_dir); "
                               "drop it, or point cluster.job_dir elsewhere")
-    chosen = [o.split("=", 1)[1] for o in training if _key(o) == "stage"]
-    common = [o for o in training if _key(o) != "stage"]
+    chosen = [o.split("=", 1)[1] for o in training if key(o) == "stage"]
     names = list(launch.stages) if launch.stages else chosen
     if not names or (launch.stages and chosen):
         raise ConfigError("give either +stage=<name> or stages=[...] (a chain), e.g. stages=[stage1,stage1_5,stage2,stage3]")
-    for name in names:
-        if name not in STAGES:
-            raise ConfigError(f"unknown stage '{name}': choose from {', '.join(STAGES)}")
-    job_dir = Path(launch.cluster.job_dir).absolute()
-    plan, previous = [], None
-    for i, name in enumerate(names):
-        stage_dir = job_dir / name
-        own = [o for o in common if i == 0 or _key(o) != "stage.init_from"]  # a user's init_from: first stage only
-        if previous is not None:
-            own.append(f"stage.init_from={previous}")
-        plan.append({
-            "name": name,
-            "dir": stage_dir,
-            "checkpoints": stage_dir / "checkpoints",
-            "overrides": [*launch.cluster.train_overrides, *own, f"+stage={name}", f"run_dir={stage_dir / 'run'}"],
-            "chained": previous is not None,
-        })
-        previous = stage_dir / "checkpoints"
-    return plan
+    common = [*launch.cluster.train_overrides, *(o for o in training if key(o) != "stage")]
+    return plan_chain(names, launch.cluster.job_dir, common, resume=True, where="cluster.job_dir")
 
 
-def validate(launch, plan: list[dict]) -> str:
+def validate(launch, plan: list[StageRun]) -> str:
     """Build every stage's config as its job will (ConfigError if it cannot run); returns the layout and memory lines."""
     from nemo_pixellm.training.config import build_config
 
@@ -89,11 +71,11 @@ def validate(launch, plan: list[dict]) -> str:
     containers = {}
     for stage in plan:
         # The checkpoint a chained stage starts from does not exist until the previous job has run.
-        overrides = [o for o in stage["overrides"] if not (stage["chained"] and _key(o) == "stage.init_from")]
+        overrides = [o for o in stage.overrides if not (stage.chained and key(o) == "stage.init_from")]
         try:
-            containers[stage["name"]] = build_config(_compose("config", overrides), world_size=world)
+            containers[stage.name] = build_config(_compose("config", overrides), world_size=world)
         except ConfigError as err:
-            raise ConfigError(f"{stage['name']} on {where}: {err}") from None
+            raise ConfigError(f"{stage.name} on {where}: {err}") from None
     container = next(iter(containers.values()))
     m = container.model
     tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
@@ -114,12 +96,12 @@ def validate(launch, plan: list[dict]) -> str:
     return f"{layout}\n{memory}"
 
 
-def render(launch, stage: dict, summary: str) -> str:
+def render(launch, stage: StageRun, summary: str) -> str:
     """The sbatch script of one stage."""
     c = launch.cluster
     python = c.python or sys.executable
     q = shlex.quote
-    job_name = f"pixellm-{stage['name']}"
+    job_name = f"pixellm-{stage.name}"
     logs = Path(c.job_dir).absolute() / "logs"
     sbatch = [
         f"--job-name={job_name}",
@@ -143,14 +125,12 @@ def render(launch, stage: dict, summary: str) -> str:
             srun += [f"--container-mounts={','.join(c.container_mounts)}"]
         if c.container_workdir:
             srun += [f"--container-workdir={c.container_workdir}"]
-    ckpt = stage["checkpoints"]
-    train = [python, "-m", "nemo_pixellm.train", *stage["overrides"],
-             f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", "train.exit_signal_handler=true"]
+    train = [python, "-m", "nemo_pixellm.train", *stage.overrides, "train.exit_signal_handler=true"]
     env = "\n".join(f"export {k}={q(str(v))}" for k, v in c.env.items())
     comments = "\n".join(f"# {line}" for line in summary.splitlines())
     cd = "" if c.container_image else f"cd {q(str(ROOT))}\n"
     return f"""#!/bin/bash
-# nemo_pixellm {stage['name']} on cluster '{c.name}' (rendered by python -m nemo_pixellm.launch)
+# nemo_pixellm {stage.name} on cluster '{c.name}' (rendered by python -m nemo_pixellm.launch)
 {comments}
 {chr(10).join(f'#SBATCH {arg}' for arg in sbatch)}
 
@@ -158,7 +138,7 @@ def render(launch, stage: dict, summary: str) -> str:
 {cd}# torch.distributed env:// rendezvous: the first node hosts it; each task sets its ranks from Slurm's below.
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-mkdir -p {q(str(ckpt))}   # an empty checkpoint.load starts fresh; after a requeue it holds the checkpoint to resume
+mkdir -p {q(str(stage.checkpoints))}   # an empty checkpoint.load starts fresh; after a requeue it holds the checkpoint to resume
 echo "[launch] job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST ($SLURM_NTASKS tasks), master $MASTER_ADDR:$MASTER_PORT"
 
 # Slurm's warning signal (or `scancel --batch --signal=USR1 <job>`) comes to this shell: pass it on to srun,
@@ -208,15 +188,15 @@ def main(argv: list[str] | None = None) -> None:
         script = render(launch, stage, summary)
         if dry_run:
             dependency = f"--dependency=afterok:<job id of {previous}> " if previous else ""
-            print(f"# ---- {stage['name']}: sbatch {dependency}{stage['dir'] / 'job.sbatch'}\n{script}", flush=True)
-            previous = stage["name"]
+            print(f"# ---- {stage.name}: sbatch {dependency}{stage.dir / 'job.sbatch'}\n{script}", flush=True)
+            previous = stage.name
             continue
-        stage["dir"].mkdir(parents=True, exist_ok=True)
+        stage.dir.mkdir(parents=True, exist_ok=True)
         (Path(launch.cluster.job_dir).absolute() / "logs").mkdir(parents=True, exist_ok=True)
-        path = stage["dir"] / "job.sbatch"
+        path = stage.dir / "job.sbatch"
         path.write_text(script)
         job_id = submit(path, job_id)
-        print(f"{stage['name']}: submitted job {job_id} ({path})", flush=True)
+        print(f"{stage.name}: submitted job {job_id} ({path})", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 Every stage is a ``python -m nemo_pixellm.train`` process with its own stage config (data, frozen set,
 learning rate, schedule) plus ``train.train_iters``/``scheduler.lr_decay_iters`` from ``steps`` and every
-other argument as a training override; stage k > 1 gets ``stage.init_from=<root>/<stage k-1>/checkpoints``.
+other argument as a training override; directories and hand-offs are ``nemo_pixellm.stages``' (stage k > 1
+starts from ``<root>/<stage k-1>/checkpoints``; metrics in ``<root>/<stage>/run``).
 Prints one row per stage: steps, wall time, final training loss, held-out VQA accuracy.
 """
 
@@ -18,16 +19,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from nemo_pixellm.stages import plan_chain
+
 DEFAULT_STAGES = ["stage1", "stage1_5", "stage2", "stage3"]
-
-
-def stage_command(stage: str, steps: int, run_dir: Path, init_from: Path | None, extra: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "nemo_pixellm.train", f"+stage={stage}", f"run_dir={run_dir}",
-               f"checkpoint.save={run_dir / 'checkpoints'}", f"train.train_iters={steps}",
-               f"scheduler.lr_decay_iters={steps}", *extra]
-    if init_from is not None:
-        command.append(f"stage.init_from={init_from}")
-    return command
 
 
 def final_loss(run_dir: Path) -> float:
@@ -38,21 +32,24 @@ def final_loss(run_dir: Path) -> float:
 def run(stages: list[str], root: Path, steps: list[int], extra: list[str], eval_samples: int) -> list[dict]:
     if len(steps) != len(stages):
         raise SystemExit(f"error: steps has {len(steps)} entries for {len(stages)} stages")
-    rows, previous = [], None
-    for stage, n in zip(stages, steps):
-        run_dir = root / stage
+    per_stage = [[f"train.train_iters={n}", f"scheduler.lr_decay_iters={n}"] for n in steps]
+    try:
+        plan = plan_chain(stages, root, extra, per_stage, where="root")
+    except ValueError as error:  # ConfigError
+        raise SystemExit(f"error: {error}") from None
+    rows = []
+    for stage, n in zip(plan, steps):
         start = time.time()
-        subprocess.run(stage_command(stage, n, run_dir, previous, extra), check=True, env=os.environ.copy())
+        subprocess.run([sys.executable, "-m", "nemo_pixellm.train", *stage.overrides], check=True, env=os.environ.copy())
         wall = time.time() - start
-        row = {"stage": stage, "steps": n, "wall_s": round(wall, 1), "final_loss": final_loss(run_dir)}
+        row = {"stage": stage.name, "steps": n, "wall_s": round(wall, 1), "final_loss": final_loss(stage.run_dir)}
         if eval_samples:
             output = subprocess.run([sys.executable, "-m", "nemo_pixellm.evaluate",
-                                     f"checkpoint={run_dir / 'checkpoints'}", f"samples={eval_samples}"],
+                                     f"checkpoint={stage.checkpoints}", f"samples={eval_samples}"],
                                     check=True, capture_output=True, text=True).stdout.splitlines()
             report = json.loads(next(line for line in output if line.startswith('{"checkpoint"')))
             row["heldout_accuracy"] = report["vqa"]["all"]["accuracy"]
         rows.append(row)
-        previous = run_dir / "checkpoints"
     return rows
 
 

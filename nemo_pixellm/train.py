@@ -12,7 +12,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import nemo_pixellm  # noqa: F401  (installs the CPU layer when CUDA is absent)
+from nemo_pixellm import compat
+
+compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
+
 from nemo_pixellm.data.dataset import BadDataError
 from nemo_pixellm.training.checkpoints import CheckpointSaveError, failed_save, newest_complete, recover
 from nemo_pixellm.training.validate import ConfigError
@@ -56,7 +59,8 @@ def run(cfg: DictConfig) -> None:
     from nemo_pixellm.training.ema import EMACallback
     from nemo_pixellm.training.vqa_eval import VQAEvalCallback
     from nemo_pixellm.training.progress import ProgressCallback
-    from nemo_pixellm.training.step import forward_step
+    from nemo_pixellm.training.run_state import RunState
+    from nemo_pixellm.training.step import ForwardStep
 
     container = build_config(cfg)
     if (step := prepare_resume(container, cfg.ema.enabled)) is not None:
@@ -65,14 +69,15 @@ def run(cfg: DictConfig) -> None:
                   f"train.train_iters={container.train.train_iters} is reached (raise train.train_iters to continue)",
                   flush=True)
         return
-    callbacks = [ProgressCallback(cfg.run_dir)]
+    run_state = RunState()  # what the forward step and the callbacks share
+    callbacks = [ProgressCallback(run_state, cfg.run_dir)]
     ema = EMACallback(cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
     if ema is not None:
         callbacks.append(ema)
     if cfg.vqa_eval.interval:
         callbacks.append(VQAEvalCallback(cfg.vqa_eval.interval, cfg.vqa_eval.samples, ema))
     try:
-        pretrain(container, forward_step, callbacks=callbacks)
+        pretrain(container, ForwardStep(run_state), callbacks=callbacks)
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
         if (what := failed_save(container.checkpoint.save)) is None:
             raise

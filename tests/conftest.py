@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from nemo_pixellm import compat
+
+compat.enable(quiet=True)  # the tests build models in-process, as a library user does
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
@@ -72,13 +76,13 @@ def build_pixellm(pg_collection, seed: int = 7, **provider_kwargs):
     """A PixelLMModel from PixelLMProvider on CPU with the given sizes (eval mode)."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from nemo_pixellm.cpu_compat import seed_model_parallel_rng
+    from nemo_pixellm.compat import seed_model_parallel_rng, set_process_groups
     from nemo_pixellm.models.provider import PixelLMProvider
 
     seed_model_parallel_rng(seed, pg_collection)
     provider = PixelLMProvider(**provider_kwargs)
     provider.disable_cuda_fusions()
-    provider._pg_collection = pg_collection
+    set_process_groups(provider, pg_collection)
     provider.finalize()
     clear_aux_losses_tracker()
     return provider.provide().eval()

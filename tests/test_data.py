@@ -4,7 +4,6 @@ template puts loss on assistant tokens only."""
 import pytest
 import torch
 
-import nemo_pixellm  # noqa: F401
 from nemo_pixellm.data.dataset import TrainingSequences, build_sequence
 from nemo_pixellm.data.provider import ensure_tokenizer, text_record
 from nemo_pixellm.data.samples import ShardSamples, chat_segments

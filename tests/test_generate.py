@@ -4,7 +4,6 @@ follow their definitions, and prompts stop where the answer starts."""
 import pytest
 import torch
 
-import nemo_pixellm  # noqa: F401
 from nemo_pixellm import tiling
 from nemo_pixellm.generate import Prompt, generate, sample_next
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import nemo_pixellm  # noqa: F401
 from nemo_pixellm import tiling
 from nemo_pixellm.models.projector import pixel_unshuffle
 

@@ -20,7 +20,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-import nemo_pixellm  # noqa: F401  (CPU layer)
+from nemo_pixellm import compat
+
+compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
+
 from nemo_pixellm.export.hf_deepseek_v3 import deepseek_v3_config, write_hf_checkpoint
 from nemo_pixellm.export.hf_siglip import siglip_config, tower_to_siglip
 

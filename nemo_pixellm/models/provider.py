@@ -5,14 +5,14 @@ language model unchanged) plus the vision tower and projector fields. ``provide(
 model through Bridge with the plugin's decoder spec, then wraps it with the vision side.
 """
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from megatron.bridge.models.mla_provider import MLAModelProvider
 from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_pixellm import compat
 from nemo_pixellm.export.hf_siglip import load_siglip_tower
 from nemo_pixellm.models.pixellm import PixelLMModel
 from nemo_pixellm.models.specs import decoder_block_spec
@@ -22,6 +22,18 @@ MODULE_NAMES = ("vision_model", "projector", "language_model")
 # Checkpoints store this provider as their model config: let Bridge's loaders (load_megatron_model, ...)
 # instantiate it back.
 register_allowed_target_prefix("nemo_pixellm")
+
+
+# What the vision tower and projector take from the language model's config: tensor parallelism (their linears
+# are sharded like the LM's), precision, initialisation and the kernel switches; nothing else.
+SHARED_WITH_VISION = (
+    "tensor_model_parallel_size", "params_dtype", "bf16", "fp16", "pipeline_dtype", "autocast_dtype",
+    "use_cpu_initialization", "perform_initialization", "init_method", "output_layer_init_method", "init_method_std",
+    "gradient_accumulation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm",
+    "apply_rope_fusion", "attention_softmax_in_fp32", "apply_query_key_layer_scaling", "deterministic_mode",
+    "fp8", "fp8_recipe", "fp8_margin", "fp8_interval", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_wgrad",
+    "fp8_param", "fp8_dot_product_attention", "fp8_multi_head_attention",
+)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -70,46 +82,29 @@ class PixelLMProvider(MLAModelProvider):
     image_token_id: int = -1  # set from the tokenizer
     trainable_modules: list[str] | None = None  # None = everything trains; else the named children that do
 
-    def _derived_config(self, **overrides) -> TransformerConfig:
-        """A TransformerConfig sharing this provider's parallel / precision settings."""
-        base = {}
-        for f in dataclasses.fields(TransformerConfig):
-            if not f.init:
-                continue
-            if f.name.startswith(("moe_", "mtp_")):  # the language model's MoE / MTP settings stay with it
-                if f.default is not dataclasses.MISSING:
-                    base[f.name] = f.default
-                elif f.default_factory is not dataclasses.MISSING:
-                    base[f.name] = f.default_factory()
-            else:
-                base[f.name] = getattr(self, f.name)
-        base.update(
-            num_moe_experts=None, moe_layer_freq=1, multi_latent_attention=False, qk_layernorm=False,
-            pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
-            num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
-            pipeline_model_parallel_layout=None, account_for_embedding_in_pipeline_split=False,
-            account_for_loss_in_pipeline_split=False, sequence_parallel=False,
-            expert_model_parallel_size=1, expert_tensor_parallel_size=None,
-            gated_linear_unit=False, activation_func=gelu_tanh, bias_activation_fusion=False,
-            add_bias_linear=True, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
-            recompute_granularity=None, recompute_method=None, recompute_num_layers=None, kv_channels=None, num_query_groups=None,
+    def _module_config(self, **fields) -> TransformerConfig:
+        """A TransformerConfig for the vision tower or projector: its own sizes and layer choices (``fields``),
+        and from this provider only the settings the whole model shares (SHARED_WITH_VISION)."""
+        config = TransformerConfig(
+            hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=True, add_qkv_bias=True,
+            gated_linear_unit=False, bias_activation_fusion=False,
+            **{name: getattr(self, name) for name in SHARED_WITH_VISION}, **fields,
         )
-        base.update(overrides)
-        config = TransformerConfig(**base)
         config.use_te = self.use_te
         return config
 
     def vision_config(self) -> TransformerConfig:
-        return self._derived_config(
+        return self._module_config(
             num_layers=self.vision_num_layers, hidden_size=self.vision_hidden_size,
             num_attention_heads=self.vision_num_attention_heads, ffn_hidden_size=self.vision_ffn_hidden_size,
-            normalization="LayerNorm", layernorm_epsilon=self.vision_layernorm_epsilon,
+            normalization="LayerNorm", layernorm_epsilon=self.vision_layernorm_epsilon, activation_func=gelu_tanh,
         )
 
     def projector_config(self) -> TransformerConfig:
-        return self._derived_config(
+        return self._module_config(
             num_layers=1, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
             ffn_hidden_size=self.projector_ffn_hidden_size or self.hidden_size,
+            normalization=self.normalization, layernorm_epsilon=self.layernorm_epsilon,
             activation_func=torch.nn.functional.gelu,
         )
 
@@ -150,7 +145,7 @@ class PixelLMProvider(MLAModelProvider):
             downsample=self.projector_downsample,
             pre_process=language_model.pre_process,
             post_process=language_model.post_process,
-            pg_collection=self._pg_collection,
+            pg_collection=compat.process_groups(self),
         )
         if self.vision_pretrained_path and model.vision_model is not None:
             load_siglip_tower(model.vision_model, self.vision_pretrained_path)

@@ -27,6 +27,7 @@ from megatron.bridge.training.tokenizers.config import TokenizerConfig
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_pixellm.data.provider import PixelLMDataConfig
+from nemo_pixellm.stages import STAGES
 from nemo_pixellm.models.provider import PixelLMProvider
 from nemo_pixellm.training.validate import (
     ConfigError,
@@ -38,7 +39,6 @@ from nemo_pixellm.training.validate import (
 )
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-STAGES = ("stage1", "stage1_5", "stage2", "stage3", "stage4")
 
 SECTIONS = {
     "train": TrainingConfig,

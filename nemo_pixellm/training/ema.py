@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from megatron.bridge.training.callbacks import Callback
 
+from nemo_pixellm.training.run_state import finished_step
+
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -53,7 +55,7 @@ class EMACallback(Callback):
     def on_train_step_end(self, context) -> None:
         if context.skipped_iter:
             return
-        step = context.state.train_state.step + 1  # the loop counts the step after callbacks
+        step = finished_step(context)
         decay = self.decay if step > self.start_step else 0.0
         for name, param in trainable_parameters(context.model).items():
             self.shadow[name].mul_(decay).add_(param.detach().float(), alpha=1.0 - decay)

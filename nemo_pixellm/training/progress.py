@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from megatron.bridge.training.callbacks import Callback
 
-from nemo_pixellm.training import step as step_module
+from nemo_pixellm.training.run_state import RunState, finished_step
 
 
 def _is_last_rank() -> bool:
@@ -32,7 +32,8 @@ def _whole_batch(keys: list[str], skipped: list[dict]) -> tuple[list[str], list[
 
 
 class ProgressCallback(Callback):
-    def __init__(self, run_dir: str | None = None):
+    def __init__(self, run_state: RunState, run_dir: str | None = None):
+        self.run_state = run_state
         self._t0 = None
         self._step0 = None
         self.metrics_file = Path(run_dir) / "metrics.jsonl" if run_dir else None
@@ -42,10 +43,8 @@ class ProgressCallback(Callback):
         self._t0, self._step0 = time.time(), context.state.train_state.step
 
     def on_train_step_end(self, context) -> None:
-        cfg, step = context.state.cfg, context.state.train_state.step + 1  # the loop counts it after callbacks
-        keys, skipped = list(step_module.seen_sample_keys), list(step_module.seen_skipped)
-        step_module.seen_sample_keys.clear()
-        step_module.seen_skipped.clear()
+        cfg, step = context.state.cfg, finished_step(context)
+        keys, skipped = self.run_state.take_step()
         keys, skipped = _whole_batch(keys, skipped)  # every rank takes part in the gather
         self.skipped_total += len(skipped)
         if not _is_last_rank() or not context.loss_dict:

@@ -4,13 +4,13 @@ EMA weights are evaluated (swapped in for the evaluation, then swapped back)."""
 
 import contextlib
 
-
 import torch
 from megatron.bridge.training.callbacks import Callback
 from megatron.core.utils import unwrap_model
 
 from nemo_pixellm.evaluate import EvalArgs, ask_questions, summarize
 from nemo_pixellm.training.ema import trainable_parameters
+from nemo_pixellm.training.run_state import finished_step
 
 
 class VQAEvalCallback(Callback):
@@ -35,7 +35,7 @@ class VQAEvalCallback(Callback):
                     p.copy_(saved[n])
 
     def on_train_step_end(self, context) -> None:
-        step = context.state.train_state.step + 1  # the loop counts the step after callbacks
+        step = finished_step(context)
         if step % self.interval:
             return
         if len(context.model) > 1 or context.state.cfg.model.pipeline_model_parallel_size > 1:
