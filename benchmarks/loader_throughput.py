@@ -25,6 +25,7 @@ from nemo_pixellm import compat
 
 compat.enable()
 
+from nemo_pixellm.data import sources  # noqa: E402
 from nemo_pixellm.data.provider import PixelLMDataConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def loader_rate(pack: bool, workers: int, sequences: int) -> dict:
     config = PixelLMDataConfig(seq_length=128, max_tiles=0, text_ratio=0.3, pack=pack, global_batch_size=8)
-    tokenizer = config.load_tokenizer()
-    dataset = config.train_dataset(tokenizer, sequences)
+    tokenizer = sources.load_tokenizer(config)
+    dataset = sources.train_dataset(config, tokenizer, sequences)
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=workers,
                                          collate_fn=dataset.collate_fn)
     start, samples, tokens = time.time(), 0, 0
@@ -46,11 +47,11 @@ def loader_rate(pack: bool, workers: int, sequences: int) -> dict:
 
 def resume_seconds(index: int) -> tuple[float, float]:
     config = PixelLMDataConfig(seq_length=128, max_tiles=0, text_ratio=0.3, pack=True, global_batch_size=32)
-    tokenizer = config.load_tokenizer()
+    tokenizer = sources.load_tokenizer(config)
     seconds = []
     with tempfile.TemporaryDirectory() as plans:
         for _ in ("empty cache", "cached"):
-            dataset = config.train_dataset(tokenizer, index + 1)
+            dataset = sources.train_dataset(config, tokenizer, index + 1)
             dataset._plan_dir = Path(plans) / dataset._plan_dir.name  # a private cache, empty at first
             start = time.time()
             dataset[index]

@@ -22,6 +22,8 @@ from nemo_pixellm import compat
 
 compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
 
+from nemo_pixellm.data import sources  # noqa: E402
+
 
 @dataclass
 class EvalArgs:
@@ -69,7 +71,7 @@ def ask_questions(model, data_config, tokenizer, args: EvalArgs) -> list[dict]:
     from nemo_pixellm.data.samples import ShardSamples
     from nemo_pixellm.generate import generate, prompt_from_sample
 
-    _, heldout = data_config.resolve_paths()
+    _, heldout = sources.data_paths(data_config)
     questions = ShardSamples(heldout, tokenizer, "vqa", data_config.patch_size, data_config.downsample,
                              data_config.max_tiles)
     jobs = []  # (index that selects the question, qa)
@@ -98,7 +100,7 @@ def caption_loss(model, data_config, tokenizer, args: EvalArgs) -> float:
     from nemo_pixellm.data.dataset import TrainingSequences
     from nemo_pixellm.data.samples import ShardSamples
 
-    _, heldout = data_config.resolve_paths()
+    _, heldout = sources.data_paths(data_config)
     captions = TrainingSequences([ShardSamples(heldout, tokenizer, "caption", data_config.patch_size,
                                                data_config.downsample, data_config.max_tiles)], [1.0], tokenizer,
                                  data_config.seq_length, min(args.samples, 200), data_config.image_size)
@@ -132,7 +134,7 @@ def evaluate(args: EvalArgs) -> dict:
 
     model, data_config, directory = load(args.checkpoint)
     ema_used = load_ema_into(model, directory) if args.ema else False
-    tokenizer = data_config.load_tokenizer()
+    tokenizer = sources.load_tokenizer(data_config)
     results = ask_questions(model, data_config, tokenizer, args)
     loss = caption_loss(model, data_config, tokenizer, args)
     return {"checkpoint": str(directory), "blind": args.blind, "ema": ema_used, "vqa": summarize(results),

@@ -20,7 +20,7 @@ from nemo_pixellm.models.mla import LatentCache, PixelMLASelfAttention
 @dataclass
 class Prompt:
     tokens: list[int]
-    blocks: list[tuple]  # M-RoPE blocks of the prompt (tiling.mrope_positions)
+    blocks: list[tiling.Block]  # M-RoPE blocks of the prompt (tiling.mrope_positions)
     views: torch.Tensor  # [v, 3, T, T]
     grids: torch.Tensor  # [images, 2]
 
@@ -103,7 +103,7 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
             seqs = [p.tokens + out for p, out in zip(prompts, decoder.outputs)]
             length = max(map(len, seqs))
             tokens = torch.tensor([r + [pad_id] * (length - len(r)) for r in seqs])
-            positions = torch.stack([tiling.mrope_positions(p.blocks + [("text", length - len(p.tokens))])
+            positions = torch.stack([tiling.mrope_positions(p.blocks + [tiling.TextBlock(length - len(p.tokens))])
                                      for p in prompts], dim=1)  # [3, b, length]
             logits = model(tokens, positions, images=images, image_grids=grids)
             decoder.step(logits[rows, torch.tensor([len(r) - 1 for r in seqs])])
@@ -114,7 +114,7 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
     lengths = torch.tensor([len(p.tokens) for p in prompts])
     length = int(lengths.max())
     tokens = torch.tensor([p.tokens + [pad_id] * (length - len(p.tokens)) for p in prompts])
-    prompt_positions = [tiling.mrope_positions(p.blocks + [("text", length - len(p.tokens) + max_new_tokens)])
+    prompt_positions = [tiling.mrope_positions(p.blocks + [tiling.TextBlock(length - len(p.tokens) + max_new_tokens)])
                         for p in prompts]
     real = torch.arange(length)[None] < lengths[:, None]  # [b, slots]: cache slots holding real tokens
     causal = torch.ones(length, length, dtype=torch.bool).tril()

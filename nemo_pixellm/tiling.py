@@ -57,9 +57,36 @@ def view_side(tile: int = TILE, patch: int = PATCH, downsample: int = DOWNSAMPLE
 
 
 @dataclass(frozen=True)
+class TextBlock:
+    """``length`` consecutive text positions: t = h = w, one more per token."""
+
+    length: int
+
+    @property
+    def tokens(self) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class GridBlock:
+    """A rows x cols grid of image tokens: t fixed, h and w the token's row and column."""
+
+    rows: int
+    cols: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.cols
+
+
+Block = TextBlock | GridBlock
+
+
+@dataclass(frozen=True)
 class ImageLayout:
     """How one image is cut (``grid`` = (cols, rows) of local tiles; (0, 0) = global view only) and the
-    token blocks it fills: ("grid", rows, cols_with_newline) or ("text", n) for the separator."""
+    token blocks it fills: a GridBlock per view group (cols include the newline column), a one-token TextBlock
+    for the separator."""
 
     grid: tuple[int, int]
     side: int
@@ -69,16 +96,16 @@ class ImageLayout:
         return 1 + self.grid[0] * self.grid[1]
 
     @property
-    def blocks(self) -> list[tuple]:
+    def blocks(self) -> list[Block]:
         s, (cols, rows) = self.side, self.grid
-        blocks = [("grid", s, s + 1)]
+        blocks = [GridBlock(s, s + 1)]
         if cols * rows:
-            blocks += [("text", 1), ("grid", rows * s, cols * s + 1)]
+            blocks += [TextBlock(1), GridBlock(rows * s, cols * s + 1)]
         return blocks
 
     @property
     def tokens(self) -> int:
-        return sum(b[1] * b[2] if b[0] == "grid" else b[1] for b in self.blocks)
+        return sum(b.tokens for b in self.blocks)
 
 
 def image_layout(width: int, height: int, *, tile: int = TILE, patch: int = PATCH, downsample: int = DOWNSAMPLE,
@@ -111,16 +138,16 @@ def to_tensor(view: Image.Image) -> torch.Tensor:
     return data.view(view.height, view.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def mrope_positions(blocks: list[tuple], start: int = 0) -> torch.Tensor:
-    """[3, n] (t, h, w) position ids of a sequence of blocks: ("text", n) or ("grid", rows, cols)."""
+def mrope_positions(blocks: list[Block], start: int = 0) -> torch.Tensor:
+    """[3, n] (t, h, w) position ids of a sequence of text and grid blocks."""
     ids, nxt = [], start
     for block in blocks:
-        if block[0] == "text":
-            run = torch.arange(nxt, nxt + block[1])
+        if isinstance(block, TextBlock):
+            run = torch.arange(nxt, nxt + block.length)
             ids.append(run.expand(3, -1))
-            nxt += block[1]
+            nxt += block.length
         else:
-            _, rows, cols = block
+            rows, cols = block.rows, block.cols
             h = torch.arange(rows).repeat_interleave(cols)
             w = torch.arange(cols).repeat(rows)
             ids.append(torch.stack([torch.zeros_like(h), h, w]) + nxt)

@@ -193,3 +193,22 @@ def test_no_cpu_layer_when_cuda_is_available():
         "import megatron.core.tensor_parallel.random as r",
         "assert r._get_cuda_rng_state.__module__ == 'megatron.core.tensor_parallel.random'",
     ], timeout=120)
+
+
+def test_no_patch_or_private_name_outside_compat():
+    """The boundary holds: outside nemo_pixellm/compat/ the package assigns no torch / Megatron attribute, adds
+    no import hook or warning filter, and uses none of the private names compat lists."""
+    import re
+    from pathlib import Path
+
+    package = Path(compat.__file__).parents[1]
+    private = [re.escape(p.target.rsplit(".", 1)[1]) for p in compat.PRIVATE_NAMES]
+    forbidden = re.compile("|".join([
+        r"^\s*(torch|megatron|mcore_\w+|te)\.[\w.]+\s*=[^=]",  # assigning a library's attribute
+        r"sys\.meta_path", r"warnings\.filterwarnings", r"TORCHDYNAMO",
+        *private,
+    ]), re.M)
+    hits = [f"{path.relative_to(package)}:{text[:m.start()].count(chr(10)) + 1}: {m.group(0).strip()}"
+            for path in package.rglob("*.py") if "compat" not in path.parts
+            for text in [path.read_text()] for m in forbidden.finditer(text)]
+    assert not hits, hits

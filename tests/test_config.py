@@ -89,7 +89,7 @@ def test_missing_stage_and_stage4():
 
 def write_bad_config_dirs(root):
     """Caption shards, text-only shards, a directory without a tokenizer and an empty directory."""
-    from nemo_pixellm.data.provider import text_record
+    from nemo_pixellm.data.sources import text_record
     from nemo_pixellm.data.shards import write_shards
     from nemo_pixellm.data.synthetic import scene_record
 

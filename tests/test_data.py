@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nemo_pixellm.data.dataset import TrainingSequences, build_sequence
-from nemo_pixellm.data.provider import ensure_tokenizer, text_record
-from nemo_pixellm.data.samples import ShardSamples, chat_segments
+from nemo_pixellm.data.sources import ensure_tokenizer, text_record
+from nemo_pixellm.data.samples import ImageSegment, ShardSamples, TextSegment, chat_segments
 from nemo_pixellm.data.shards import write_shards
 from nemo_pixellm.data.synthetic import scene_record
 
@@ -49,10 +49,10 @@ def per_sample_losses(model, batch) -> list[float]:
     out = []
     for row, sequence in enumerate(batch["samples"]):
         start = 0
-        for _, _, length in sequence:
-            span = slice(start, start + length)
+        for member in sequence:
+            span = slice(start, start + member.tokens)
             out.append(float((loss[row, span] * batch["loss_mask"][row, span]).sum()))
-            start += length
+            start += member.tokens
     return out
 
 
@@ -72,7 +72,7 @@ def test_packed_equals_unpacked(shards, tokenizer, model):
     # Positions restart per sample; labels never cross into the next sample.
     first = packed[0]
     starts = [0]
-    for _, _, length in first["samples"]:
+    for length in (member.tokens for member in first["samples"]):
         starts.append(starts[-1] + length)
     for start, end in zip(starts, starts[1:]):
         assert first["position_ids"][:, start].tolist() == [0, 0, 0]
@@ -82,7 +82,7 @@ def test_packed_equals_unpacked(shards, tokenizer, model):
 def test_packing_efficiency(shards, tokenizer):
     for pack in (False, True):
         data = TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 16, 56, pack=pack, seed=3)
-        used = sum(length for members in (data[i]["samples"] for i in range(16)) for _, _, length in members)
+        used = sum(length for members in (data[i]["samples"] for i in range(16)) for length in (m.tokens for m in members))
         print(f"pack={pack}: {used / (16 * 160):.1%} of positions hold sample tokens")
         if pack:
             assert used / (16 * 160) > 0.8
@@ -107,7 +107,7 @@ def test_mixing_hits_the_token_share(shards, tokenizer):
     with pytest.raises(IndexError):
         late.members(4000)
     batch = TrainingSequences.collate_fn([data[i] for i in range(8)])
-    keys = [key for sequence in batch["samples"] for _, key, _ in sequence]
+    keys = [member.key for sequence in batch["samples"] for member in sequence]
     assert sum(k.startswith("text_") for k in keys) >= 1 and sum(not k.startswith("text_") for k in keys) >= 1
 
 
@@ -149,9 +149,11 @@ def test_chat_template_masks_all_but_assistant_tokens(tokenizer):
     from nemo_pixellm.tiling import ImageLayout
 
     layout = ImageLayout(grid=(0, 0), side=2)
-    segments = chat_segments(tokenizer, turns, ("image", layout, tokenizer.image_id))
-    ids = [t for s in segments for t in ([s[2]] * s[1].tokens if s[0] == "image" else s[1])]
-    carries = [c for s in segments for c in ([0.0] * s[1].tokens if s[0] == "image" else [float(s[2])] * len(s[1]))]
+    segments = chat_segments(tokenizer, turns, ImageSegment(layout, tokenizer.image_id))
+    image = [s for s in segments if isinstance(s, ImageSegment)]
+    assert len(image) == 1 and all(isinstance(s, TextSegment) for s in segments if s is not image[0])
+    ids = [t for s in segments for t in ([s.token_id] * s.tokens if s is image[0] else s.ids)]
+    carries = [c for s in segments for c in ([0.0] * s.tokens if s is image[0] else [float(s.carries_loss)] * s.tokens)]
     assert ids[0] == tokenizer.system_id and ids.count(tokenizer.user_id) == 2 and ids.count(tokenizer.assistant_id) == 2
     assert tokenizer.decode([t for t, c in zip(ids, carries) if c]) == " three red"
     assert [t for t, c in zip(ids, carries) if c].count(tokenizer.eos_id) == 2

@@ -22,7 +22,7 @@ def _prompts(generator) -> list[Prompt]:
     for text_before, text_after in [(3, 4), (1, 9), (6, 2)]:
         tokens = torch.randint(10, 256, (text_before,), generator=generator).tolist() + [5] * layout.tokens
         tokens += torch.randint(10, 256, (text_after,), generator=generator).tolist()
-        blocks = [("text", text_before)] + layout.blocks + [("text", text_after)]
+        blocks = [tiling.TextBlock(text_before)] + layout.blocks + [tiling.TextBlock(text_after)]
         views = torch.rand(layout.views, 3, 56, 56, generator=generator) * 2 - 1
         prompts.append(Prompt(tokens, blocks, views, torch.tensor([layout.grid])))
     return prompts
@@ -36,7 +36,7 @@ def test_batched_greedy_equals_one_by_one_and_argmax_loop(model):
         tokens = list(prompt.tokens)
         with torch.no_grad():
             for _ in range(5):
-                positions = tiling.mrope_positions(prompt.blocks + [("text", len(tokens) - len(prompt.tokens))])
+                positions = tiling.mrope_positions(prompt.blocks + [tiling.TextBlock(len(tokens) - len(prompt.tokens))])
                 logits = model(torch.tensor([tokens]), positions[:, None], images=prompt.views, image_grids=prompt.grids)
                 tokens.append(int(logits[0, -1].argmax()))
         assert tokens[len(prompt.tokens):] == out

@@ -86,7 +86,7 @@ def test_views_are_letterboxed_global_then_row_major_tiles():
 def test_layout_positions_newline_and_separator():
     """Views as token grids (newline = one more column), separator as one text token, text continues after."""
     layout = tiling.image_layout(32, 32, tile=32, patch=8, downsample=2, max_tiles=1)  # s = 2, grid 1x1
-    ids = tiling.mrope_positions([("text", 2)] + layout.blocks + [("text", 1)])
+    ids = tiling.mrope_positions([tiling.TextBlock(2)] + layout.blocks + [tiling.TextBlock(1)])
     expected_global = [[2] * 6, [2, 2, 2, 3, 3, 3], [2, 3, 4, 2, 3, 4]]  # 2 rows x (2 + newline) at start 2
     assert ids[:, :2].tolist() == [[0, 1]] * 3
     assert ids[:, 2:8].tolist() == expected_global
@@ -114,7 +114,7 @@ def test_mrope_ids_match_qwen2_vl_get_rope_index():
         token_type[0, before:before + rows * cols] = 1
         theirs, _ = model.get_rope_index(torch.zeros(1, n, dtype=torch.long), token_type,
                                          image_grid_thw=torch.tensor([[1, patches_h, patches_w]]))
-        ours = tiling.mrope_positions([("text", before), ("grid", rows, cols), ("text", after)])
+        ours = tiling.mrope_positions([tiling.TextBlock(before), tiling.GridBlock(rows, cols), tiling.TextBlock(after)])
         assert torch.equal(theirs[:, 0], ours)
 
 
@@ -280,7 +280,7 @@ def test_dataset_tiles_places_and_masks(shard_dir, tokenizer, vision_model, task
     data = _sequences(shard_dir, tokenizer, task, seq_length=128, image_size=56, max_tiles=4)
     samples = [data[0], data[1]]
     for sample in samples:
-        i = int(sample["samples"][0][1][1:])  # key "s<i>"
+        i = int(sample["samples"][0].key[1:])  # key "s<i>"
         grid = tiling.best_grid(*[(600, 200), (150, 400)][i], tile=56, max_tiles=4)
         layout = tiling.ImageLayout(grid=grid, side=2)
         assert sample["image_grids"].tolist() == [list(grid)]

@@ -32,6 +32,7 @@ import json
 import os
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -253,6 +254,15 @@ class TrainingSequences(torch.utils.data.Dataset):
         return batch
 
 
+@dataclass(frozen=True)
+class PackedSample:
+    """One sample's place in a training sequence (``batch["samples"]``: per sequence, in order)."""
+
+    source: int  # index of the data source (image-text, text-only)
+    key: str  # the record's __key__
+    tokens: int  # positions it fills (cut at the sequence end)
+
+
 def build_sequence(samples: list[tuple[int, Sample]], seq_length: int, pad_id: int, tile: int) -> dict:
     """Concatenate samples (cut at seq_length, never inside an image), then pad; see the module docstring."""
     tokens, labels, loss, positions, segment_ids, views, grids, info = [], [], [], [], [], [], [], []
@@ -267,9 +277,9 @@ def build_sequence(samples: list[tuple[int, Sample]], seq_length: int, pad_id: i
         segment_ids += [number] * len(ids)
         views += sample_views
         grids += sample_grids
-        info.append((source, sample.key, len(ids)))
+        info.append(PackedSample(source, sample.key, len(ids)))
     pad = seq_length - len(tokens)
-    positions.append(tiling.mrope_positions([("text", pad)], start=len(tokens)))
+    positions.append(tiling.mrope_positions([tiling.TextBlock(pad)], start=len(tokens)))
     return {
         "tokens": torch.tensor(tokens + [pad_id] * pad, dtype=torch.long),
         "labels": torch.tensor(labels + [pad_id] * pad, dtype=torch.long),

@@ -25,12 +25,35 @@ TASKS = ("caption", "vqa", "chat", "text")
 IMAGE_PLACEHOLDER = "<image>"
 
 
+@dataclass(frozen=True)
+class TextSegment:
+    ids: list[int]
+    carries_loss: bool  # the answer / caption / text: trained on; prompts and template tokens: not
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class ImageSegment:
+    layout: tiling.ImageLayout
+    token_id: int  # the placeholder id each of the image's positions holds (the model puts features there)
+
+    @property
+    def tokens(self) -> int:
+        return self.layout.tokens
+
+
+Segment = TextSegment | ImageSegment
+
+
 @dataclass
 class Sample:
-    """``segments``: ("text", ids, carries_loss) or ("image", ImageLayout, image_token_id)."""
+    """One record as the model reads it: its segments in order, and its image (one per sample)."""
 
     key: str
-    segments: list[tuple]
+    segments: list[Segment]
     image: Image.Image | None = None
     tile: int = 0
 
@@ -44,42 +67,38 @@ class Sample:
 
     @property
     def num_tokens(self) -> int:
-        return sum(segment_length(s) for s in self.segments)
+        return sum(s.tokens for s in self.segments)
 
     @property
     def prompt_tokens(self) -> int:
         """Positions that carry no loss: images, prompts, chat-template tokens."""
-        return sum(segment_length(s) for s in self.segments if s[0] == "image" or not s[2])
+        return sum(s.tokens for s in self.segments if not (isinstance(s, TextSegment) and s.carries_loss))
 
     def flatten(self, room: int, prompt_only: bool = False):
         """(ids, loss flags, M-RoPE blocks, view tensors, tile grids) of at most ``room`` tokens, never cut
         inside an image; ``prompt_only`` stops before the first loss-carrying segment (the answer)."""
         ids, carries, blocks, views, grids = [], [], [], [], []
         for segment in self.segments:
-            if prompt_only and segment[0] == "text" and segment[2]:
+            if prompt_only and isinstance(segment, TextSegment) and segment.carries_loss:
                 break
             left = room - len(ids)
-            if segment[0] == "image":
-                layout = segment[1]
+            if isinstance(segment, ImageSegment):
+                layout = segment.layout
                 if layout.tokens > left:
                     break
-                ids += [segment[2]] * layout.tokens
+                ids += [segment.token_id] * layout.tokens
                 carries += [0.0] * layout.tokens
                 blocks += layout.blocks
                 views += [tiling.to_tensor(v) for v in tiling.tile_image(self.image, layout, self.tile)]
                 grids.append(layout.grid)
             else:
-                part = segment[1][:left]
+                part = segment.ids[:left]
                 ids += part
-                carries += [float(segment[2])] * len(part)
-                blocks.append(("text", len(part)))
-                if len(part) < len(segment[1]):
+                carries += [float(segment.carries_loss)] * len(part)
+                blocks.append(tiling.TextBlock(len(part)))
+                if len(part) < len(segment.ids):
                     break
         return ids, carries, blocks, views, grids
-
-
-def segment_length(segment: tuple) -> int:
-    return segment[1].tokens if segment[0] == "image" else len(segment[1])
 
 
 class ShardSamples:
@@ -111,7 +130,7 @@ class ShardSamples:
             raise BadRecord(f"{key}: malformed record ({error})") from None
         tok = self.tokenizer
         if self.task == "text":
-            return Sample(key, [("text", tok.encode(meta["text"]) + [tok.eos_id], True)])
+            return Sample(key, [TextSegment(tok.encode(meta["text"]) + [tok.eos_id], True)])
         image = open_image(key, raw["jpg"]) if "jpg" in raw else None
         if image is None and (self.task != "chat" or any(IMAGE_PLACEHOLDER in t["value"] for t in meta["conversations"])):
             raise BadRecord(f"{key}: missing image (no jpg member)")
@@ -124,11 +143,11 @@ class ShardSamples:
                 break
         return sample
 
-    def _segments(self, meta: dict, index: int, layout) -> list[tuple]:
+    def _segments(self, meta: dict, index: int, layout) -> list[Segment]:
         tok = self.tokenizer
-        image = ("image", layout, tok.image_id)
+        image = ImageSegment(layout, tok.image_id)
         if self.task == "caption":
-            return [image, ("text", tok.encode(meta["caption"]) + [tok.eos_id], True)]
+            return [image, TextSegment(tok.encode(meta["caption"]) + [tok.eos_id], True)]
         if self.task == "vqa":
             qa = meta["qa"][index // len(self.reader) % len(meta["qa"])]
             turns = [{"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + qa["q"]}, {"from": "gpt", "value": qa["a"]}]
@@ -174,7 +193,7 @@ def open_image(key: str, data: bytes) -> Image.Image:
     return image
 
 
-def chat_segments(tok: PixelTokenizer, turns: list[dict], image_segment) -> list[tuple]:
+def chat_segments(tok: PixelTokenizer, turns: list[dict], image_segment: ImageSegment | None) -> list[Segment]:
     """LLaVA turns ({"from": system|human|gpt, "value"}) -> template segments; the image goes where the
     placeholder stands (or before the first user text when there is none)."""
     segments = []
@@ -183,14 +202,14 @@ def chat_segments(tok: PixelTokenizer, turns: list[dict], image_segment) -> list
     for turn in turns:
         role = turn["from"]
         if role == "gpt":
-            segments += [("text", [tok.assistant_id], False), ("text", tok.encode(" " + turn["value"]) + [tok.eos_id], True)]
+            segments += [TextSegment([tok.assistant_id], False), TextSegment(tok.encode(" " + turn["value"]) + [tok.eos_id], True)]
             continue
-        segments.append(("text", [tok.system_id if role == "system" else tok.user_id], False))
+        segments.append(TextSegment([tok.system_id if role == "system" else tok.user_id], False))
         before, placeholder, after = turn["value"].partition(IMAGE_PLACEHOLDER)
         if before.strip():
-            segments.append(("text", tok.encode(" " + before.strip()), False))
+            segments.append(TextSegment(tok.encode(" " + before.strip()), False))
         if placeholder and image_segment is not None:
             segments.append(image_segment)
         if after.strip():
-            segments.append(("text", tok.encode(" " + after.strip()), False))
+            segments.append(TextSegment(tok.encode(" " + after.strip()), False))
     return segments

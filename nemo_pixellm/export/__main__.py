@@ -24,6 +24,7 @@ from nemo_pixellm import compat
 
 compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
 
+from nemo_pixellm.data import sources
 from nemo_pixellm.export.hf_deepseek_v3 import deepseek_v3_config, write_hf_checkpoint
 from nemo_pixellm.export.hf_siglip import siglip_config, tower_to_siglip
 
@@ -73,7 +74,7 @@ def export(args: ExportArgs) -> dict:
         raise FileExistsError(f"{out} is not empty: give a new directory for out= (nothing was written)")
     model, data_config, directory = load(args.checkpoint)
     ema_used = load_ema_into(model, directory) if args.ema else False
-    export_model(model, out, data_config.load_tokenizer(), data_config)
+    export_model(model, out, sources.load_tokenizer(data_config), data_config)
     return {"checkpoint": str(directory), "ema": ema_used, "out": str(out),
             "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}
 

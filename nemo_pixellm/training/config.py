@@ -26,6 +26,7 @@ from megatron.bridge.training.config import (
 from megatron.bridge.training.tokenizers.config import TokenizerConfig
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_pixellm.data import sources
 from nemo_pixellm.data.provider import PixelLMDataConfig
 from nemo_pixellm.stages import STAGES
 from nemo_pixellm.models.provider import PixelLMProvider
@@ -106,7 +107,7 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
     validate_stage(stage)
     model_values = sections["model"]
     validate_model_keys(model_values)
-    tokenizer = dataset.load_tokenizer()
+    tokenizer = sources.load_tokenizer(dataset)
 
     if model_values.get("vocab_size") is None:
         # Round up once, here, so the embedding is the same at every TP size (Megatron's own padding

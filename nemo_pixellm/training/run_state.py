@@ -16,7 +16,7 @@ class RunState:
     view_size: tuple[int, int] | None = None  # (height, width) of the last training views (progressive resolution)
 
     def record_batch(self, batch: dict) -> None:
-        self.sample_keys.extend(key for sequence in batch.get("samples", []) for _, key, _ in sequence)
+        self.sample_keys.extend(member.key for sequence in batch.get("samples", []) for member in sequence)
         self.skipped.extend(batch.get("skipped", []))
 
     def take_step(self) -> tuple[list[str], list[dict]]:

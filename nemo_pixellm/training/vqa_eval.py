@@ -8,6 +8,7 @@ import torch
 from megatron.bridge.training.callbacks import Callback
 from megatron.core.utils import unwrap_model
 
+from nemo_pixellm.data import sources
 from nemo_pixellm.evaluate import EvalArgs, ask_questions, summarize
 from nemo_pixellm.training.ema import trainable_parameters
 from nemo_pixellm.training.run_state import finished_step
@@ -46,7 +47,7 @@ class VQAEvalCallback(Callback):
         model.eval()
         try:  # every rank decodes the same questions (tensor / expert parallel layers need all of them)
             with self._ema_weights(context.model):
-                summary = summarize(ask_questions(model, data_config, data_config.load_tokenizer(), self.args))
+                summary = summarize(ask_questions(model, data_config, sources.load_tokenizer(data_config), self.args))
         finally:
             model.train()
         if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:

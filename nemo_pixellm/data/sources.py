@@ -1,0 +1,135 @@
+"""Where a data config's data comes from: its shard directories, or the embedded default (the synthetic set
+and its BPE tokenizer, built into ``$NEMO_PIXELLM_CACHE`` or ``~/.cache/nemo_pixellm`` on first use), and the
+train / validation datasets made from them. ``PixelLMDataConfig`` only describes the data; this builds it."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+from nemo_pixellm.data.dataset import TrainingSequences
+from nemo_pixellm.data.samples import ShardSamples
+from nemo_pixellm.data.shards import MANIFEST, write_shards
+from nemo_pixellm.data.synthetic import render_scene, scene_record
+from nemo_pixellm.data.tokenizer import PixelTokenizer, train_bpe
+
+SYNTHETIC_VERSION = 2  # bump when the generator's output changes, so caches rebuild
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NEMO_PIXELLM_CACHE", Path.home() / ".cache" / "nemo_pixellm"))
+
+
+def synthetic_dir(cache_dir, split: str, num_samples: int, seed: int, image_size: int) -> Path:
+    key = hashlib.sha1(json.dumps([SYNTHETIC_VERSION, split, num_samples, seed, image_size]).encode()).hexdigest()[:12]
+    return Path(cache_dir) / "synthetic" / f"{split}-{num_samples}-{key}"
+
+
+def build_once(path: Path, done: Path, build) -> None:
+    """Run ``build()`` unless ``done`` exists; a file lock makes concurrent ranks build it only once."""
+    if done.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not done.exists():
+            build()
+
+
+def ensure_synthetic(cache_dir, split: str, num_samples: int, seed: int, image_size: int, shard_size: int = 1000) -> Path:
+    """The synthetic shards, built into the cache on first use (written aside, then moved in place)."""
+    out = synthetic_dir(cache_dir, split, num_samples, seed, image_size)
+
+    def build():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_shards((scene_record(seed, i, image_size) for i in range(num_samples)), tmp, shard_size)
+        os.replace(tmp, out)
+
+    build_once(out, out / MANIFEST, build)
+    return out
+
+
+def text_record(seed: int, index: int) -> dict:
+    """A text-only document for the synthetic set's text share: a scene's description and its Q&A, as prose."""
+    scene = render_scene(seed, index, 32)
+    text = " ".join([scene.caption] + [f"{qa['q']} {qa['a']}." for qa in scene.qa])
+    return {"__key__": f"text_{seed:04d}_{index:08d}", "json": json.dumps({"text": text}).encode()}
+
+
+def ensure_synthetic_text(cache_dir, num_samples: int, seed: int, shard_size: int = 1000) -> Path:
+    out = synthetic_dir(cache_dir, "text", num_samples, seed, 0)
+
+    def build():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        write_shards((text_record(seed, i) for i in range(num_samples)), tmp, shard_size)
+        os.replace(tmp, out)
+
+    build_once(out, out / MANIFEST, build)
+    return out
+
+
+def ensure_tokenizer(cache_dir, vocab_size: int, seed: int) -> PixelTokenizer:
+    """The tiny default's BPE, trained once on synthetic captions and questions and cached."""
+    path = Path(cache_dir) / "tokenizer" / f"synthetic-bpe-v{SYNTHETIC_VERSION}-{vocab_size}-{seed}.json"
+
+    def build():
+        texts = []
+        for i in range(2000):
+            scene = render_scene(seed, i, 32)
+            texts.append(scene.caption)
+            texts.extend(f" {qa['q']} {qa['a']}" for qa in scene.qa)
+            texts.extend(" " + turn["value"].replace("<image>", "") for turn in scene.conversations)
+        train_bpe(texts, vocab_size, path)
+
+    build_once(path, path, build)
+    return PixelTokenizer.from_dir(path)
+
+
+def cache_dir(config) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+
+
+def load_tokenizer(config) -> PixelTokenizer:
+    """``dataset.tokenizer_path``'s tokenizer, or the synthetic set's BPE (trained once into the cache)."""
+    if config.tokenizer_path:
+        return PixelTokenizer.from_dir(config.tokenizer_path)
+    return ensure_tokenizer(cache_dir(config), config.tokenizer_vocab_size, config.seed)
+
+
+def data_paths(config) -> tuple[Path, Path | None]:
+    """(training shards, held-out shards or None); the synthetic set's are built on first use."""
+    if config.path is None:
+        cache = cache_dir(config)
+        train = ensure_synthetic(cache, "train", config.synthetic_train_samples, config.seed, config.image_size)
+        valid = ensure_synthetic(cache, "heldout", config.synthetic_valid_samples, config.seed + 1, config.image_size)
+        return train, valid
+    return Path(config.path), Path(config.valid_path) if config.valid_path else None
+
+
+def _samples(config, path, tokenizer, task, key: str = "dataset.path") -> ShardSamples:
+    return ShardSamples(path, tokenizer, task, config.patch_size, config.downsample, config.max_tiles, key)
+
+
+def train_dataset(config, tokenizer, num_sequences: int) -> TrainingSequences:
+    train_path, _ = data_paths(config)
+    sources, shares = [_samples(config, train_path, tokenizer, config.task)], [1.0 - config.text_ratio]
+    if config.text_ratio > 0:
+        text_path = config.text_path or (
+            ensure_synthetic_text(cache_dir(config), config.synthetic_text_samples, config.seed + 2)
+            if config.path is None else None)
+        sources.append(_samples(config, text_path, tokenizer, "text", "dataset.text_path"))
+        shares.append(config.text_ratio)
+    return TrainingSequences(sources, shares, tokenizer, config.seq_length, num_sequences, config.image_size,
+                             config.resolution_schedule, config.global_batch_size, config.pack, config.seed,
+                             plan_cache=cache_dir(config) / "plans", max_bad_fraction=config.max_bad_fraction)
+
+
+def valid_dataset(config, tokenizer) -> TrainingSequences | None:
+    _, valid_path = data_paths(config)
+    if valid_path is None:
+        return None
+    key = "dataset.valid_path" if config.path else "dataset.path"
+    return TrainingSequences([_samples(config, valid_path, tokenizer, config.task, key)], [1.0], tokenizer,
+                             config.seq_length, None, config.image_size, seed=config.seed,
+                             max_bad_fraction=config.max_bad_fraction)
