@@ -141,15 +141,20 @@ def evaluate(args: EvalArgs) -> dict:
             "caption_loss": loss, "caption_perplexity": math.exp(min(loss, 50.0))}
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(schema, argv, required=("checkpoint",)):
+    """``key=value`` arguments into the dataclass ``schema``; exits naming a bad key or value, or a missing one."""
     try:
-        args = OmegaConf.merge(OmegaConf.structured(EvalArgs), OmegaConf.from_dotlist(argv))
+        args = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(argv))
     except Exception as err:  # omegaconf names the bad key or value
         sys.exit(f"error: {err}")
-    if OmegaConf.is_missing(args, "checkpoint"):
-        sys.exit("error: give checkpoint=<a checkpoint.save directory>")
-    report = evaluate(OmegaConf.to_object(args))
+    missing = [k for k in required if OmegaConf.is_missing(args, k)]
+    if missing:
+        sys.exit(f"error: give {' and '.join(f'{k}=<dir>' for k in missing)}")
+    return OmegaConf.to_object(args)
+
+
+def main(argv=None) -> None:
+    report = evaluate(parse_args(EvalArgs, sys.argv[1:] if argv is None else argv))
     print(json.dumps(report))
     print(f"{'type':10s} {'n':>5s} {'accuracy':>9s} {'chance':>7s}")
     for kind, row in report["vqa"].items():

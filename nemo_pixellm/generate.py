@@ -5,15 +5,31 @@ sequence (the reference the cached path is tested against). The cache is for 1-p
 
 A prompt is what ``TrainingSequences`` would build for the prompt part of a sample (segments from
 ``nemo_pixellm.data.samples``); generated tokens continue the M-RoPE text positions at max + 1.
+
+Ask a trained checkpoint about your own images (the answer streams as it is decoded):
+
+    python -m nemo_pixellm.generate checkpoint=<checkpoint.save dir> image=photo.jpg prompt="What colour is the car?"
+        [image=[a.png,b.jpg] (several; <image> in the prompt places them)] [max_new_tokens=64] [temperature=0.7]
+        [top_k=] [top_p=] [greedy=true] [seed=0] [ema=true] [device=cpu|cuda]
+    python -m nemo_pixellm.generate checkpoint=<dir> requests=asks.jsonl [batch_size=8]
+        # one {"prompt": ..., "images": [paths]} per line -> one {"prompt", "images", "answer"} JSON line each
+
+Images of any size and aspect ratio are tiled as in training (the checkpoint's view size, patch, downsample
+and max_tiles; DeepSeek-VL2's rule: no tiling with 3 or more images); no image: a text-only prompt.
 """
 
 import contextlib
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from nemo_pixellm import tiling
-from nemo_pixellm.data.samples import Sample
+from nemo_pixellm.data.samples import ImageSegment, Sample, TextSegment, chat_segments
 from nemo_pixellm.models.mla import LatentCache, PixelMLASelfAttention
 
 
@@ -31,6 +47,18 @@ def prompt_from_sample(sample: Sample) -> Prompt:
     tile = sample.tile or 1
     return Prompt(tokens, blocks, torch.stack(views) if views else torch.zeros(0, 3, tile, tile),
                   torch.tensor(grids, dtype=torch.long).view(-1, 2))
+
+
+def prompt_from_request(tokenizer, text: str, images: list[Image.Image], data_config) -> Prompt:
+    """A user turn (``text``, the images where its <image> placeholders stand, else before it) and the
+    assistant's start, laid out as the checkpoint's training data was (``data_config``: its dataset section)."""
+    tile = data_config.image_size
+    segments = [ImageSegment(tiling.image_layout(*image.size, tile=tile, patch=data_config.patch_size,
+                                                 downsample=data_config.downsample, max_tiles=data_config.max_tiles,
+                                                 images_in_sample=len(images)), tokenizer.image_id, image)
+                for image in images]
+    turn = chat_segments(tokenizer, [{"from": "human", "value": text}], segments)
+    return prompt_from_sample(Sample("request", turn + [TextSegment([tokenizer.assistant_id], False)], None, tile))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
@@ -65,8 +93,9 @@ class _Decoder:
     """Collects each row's new tokens until its end token."""
 
     def __init__(self, rows: int, eos_id: int, temperature: float, top_k: int, top_p: float, seed: int, scores,
-                 image_id: int | None = None):
+                 image_id: int | None = None, on_token=None):
         self.outputs, self.done, self.scores = [[] for _ in range(rows)], [False] * rows, scores
+        self.on_token = on_token
         self.eos_id, self.sampling, self.image_id = eos_id, (temperature, top_k, top_p), image_id
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -83,20 +112,30 @@ class _Decoder:
                     self.done[i] = True
                 else:
                     self.outputs[i].append(token)
+                    if self.on_token is not None:
+                        self.on_token(i, token)
         return tokens
 
 
 @torch.no_grad()
 def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tokens: int = 8,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             use_cache: bool = True, scores: list | None = None) -> list[list[int]]:
+             use_cache: bool = True, scores: list | None = None, on_token=None) -> list[list[int]]:
     """New tokens per prompt (without the end token). Right-padded batch; each row reads its own last logit.
-    ``scores``: a list that receives each step's next-token logits [b, vocab]."""
+    ``scores``: a list that receives each step's next-token logits [b, vocab]; ``on_token(row, token)`` is
+    called for each new token as it is chosen (streaming)."""
     decoder = _Decoder(len(prompts), eos_id, temperature, top_k, top_p, seed, scores,
-                       getattr(model, "image_token_id", None))
-    images = torch.cat([p.views for p in prompts])
+                       getattr(model, "image_token_id", None), on_token)
+    device = next(model.parameters()).device
+    images = torch.cat([p.views for p in prompts]).to(device)
     images = images if images.shape[0] else None
-    grids = torch.cat([p.grids for p in prompts])
+    grids = torch.cat([p.grids for p in prompts]).to(device)
+
+    def forward(tokens, positions, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Inputs are built on the CPU, the model may be on a GPU; logits come back to the CPU."""
+        mask = None if attention_mask is None else attention_mask.to(device)
+        return model(tokens.to(device), positions.to(device), attention_mask=mask, **kwargs).cpu()
+
     rows = torch.arange(len(prompts))
     if not use_cache:
         for _ in range(max_new_tokens):
@@ -105,7 +144,7 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
             tokens = torch.tensor([r + [pad_id] * (length - len(r)) for r in seqs])
             positions = torch.stack([tiling.mrope_positions(p.blocks + [tiling.TextBlock(length - len(p.tokens))])
                                      for p in prompts], dim=1)  # [3, b, length]
-            logits = model(tokens, positions, images=images, image_grids=grids)
+            logits = forward(tokens, positions, images=images, image_grids=grids)
             decoder.step(logits[rows, torch.tensor([len(r) - 1 for r in seqs])])
             if all(decoder.done):
                 break
@@ -121,7 +160,7 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
     with latent_kv_cache(model):
         mask = ~(real[:, None, None, :] & causal)  # True = masked (Megatron)
         positions = torch.stack([ids[:, :length] for ids in prompt_positions], dim=1)
-        logits = model(tokens, positions, attention_mask=mask, images=images, image_grids=grids)
+        logits = forward(tokens, positions, attention_mask=mask, images=images, image_grids=grids)
         next_tokens = decoder.step(logits[rows, lengths - 1])
         for k in range(1, max_new_tokens):
             if all(decoder.done):
@@ -130,6 +169,137 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
             # The k-th new token of row i sits at text position (prompt end + k - 1) of that row.
             positions = torch.stack([ids[:, int(n) + k - 1: int(n) + k] for ids, n in zip(prompt_positions, lengths)],
                                     dim=1)
-            logits = model(next_tokens[:, None], positions, attention_mask=~real[:, None, None, :])
+            logits = forward(next_tokens[:, None], positions, attention_mask=~real[:, None, None, :])
             next_tokens = decoder.step(logits[:, -1])
     return decoder.outputs
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+@dataclass
+class GenerateArgs:
+    checkpoint: str = "???"
+    prompt: str = ""
+    image: Any = None  # image=a.jpg or image=[a.jpg,b.png]
+    requests: str | None = None  # a JSONL file: {"prompt": ..., "images": [...]} per line
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False  # argmax whatever the temperature
+    seed: int = 0
+    batch_size: int = 8
+    ema: bool = True  # the checkpoint's EMA weights when it has them
+    device: str = "cpu"
+
+
+class RequestError(ValueError):
+    pass
+
+
+def open_request_image(path: str) -> Image.Image:
+    file = Path(path)
+    if not file.is_file():
+        raise RequestError(f"image {path}: no such file")
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB")  # decodes it all now: a truncated or corrupt file fails here
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise RequestError(f"image {path}: not an image the decoder can read ({error})") from None
+
+
+def read_requests(args: GenerateArgs) -> list[dict]:
+    """[{"prompt", "images": [paths], "pictures": [PIL images]}], every image opened before any model loads."""
+    if args.requests:
+        path = Path(args.requests)
+        if not path.is_file():
+            raise RequestError(f"requests={args.requests}: no such file")
+        requests = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                requests.append({"prompt": str(row["prompt"]), "images": [str(p) for p in row.get("images", [])]})
+            except (ValueError, KeyError, TypeError) as error:
+                raise RequestError(f"requests={args.requests} line {number}: want {{\"prompt\": ..., \"images\": "
+                                   f"[...]}} ({type(error).__name__}: {error})") from None
+    else:
+        images = [] if args.image is None else [args.image] if isinstance(args.image, str) else list(args.image)
+        requests = [{"prompt": args.prompt, "images": images}]
+    for request in requests:
+        if not request["prompt"] and not request["images"]:
+            raise RequestError("give prompt=\"...\" (and image=<file> to ask about a picture)")
+        request["pictures"] = [open_request_image(p) for p in request["images"]]
+    return requests
+
+
+def run(args: GenerateArgs, out=sys.stdout) -> list[str]:
+    from nemo_pixellm.data import sources
+    from nemo_pixellm.evaluate import load
+    from nemo_pixellm.training.ema import load_ema_into
+
+    requests = read_requests(args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RequestError(f"device={args.device}: no CUDA device here; use device=cpu")
+    with contextlib.redirect_stdout(sys.stderr):  # Bridge's loader prints; stdout carries only the answers
+        model, data_config, directory = load(args.checkpoint)
+        if args.ema:
+            load_ema_into(model, directory)
+    model = model.to(args.device)
+    tokenizer = sources.load_tokenizer(data_config)
+    prompts = []
+    for request in requests:
+        try:
+            prompts.append(prompt_from_request(tokenizer, request["prompt"], request["pictures"], data_config))
+        except ValueError as error:  # placeholders vs images
+            raise RequestError(f"prompt {request['prompt']!r}: {error}") from None
+    temperature = 0.0 if args.greedy else args.temperature
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    answers = []
+    if not args.requests:  # one request: stream the answer as it is decoded
+        said: list[int] = []
+        shown = ""
+
+        def show(row: int = 0, token: int | None = None) -> None:
+            nonlocal shown
+            if token is not None:
+                said.append(token)
+            text = tokenizer.decode(said).lstrip()
+            if token is not None and text.endswith("\ufffd"):
+                return  # a character's bytes are still arriving: wait for the rest
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+
+        generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, on_token=show, **sampling)
+        show()  # whatever is left
+        out.write("\n")
+        return [shown.strip()]
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        for offset, tokens in enumerate(generate(model, batch, tokenizer.eos_id, tokenizer.pad_id, **sampling)):
+            request = requests[start + offset]
+            answers.append(tokenizer.decode(tokens).strip())
+            out.write(json.dumps({"prompt": request["prompt"], "images": request["images"],
+                                  "answer": answers[-1]}) + "\n")
+            out.flush()
+    return answers
+
+
+def main(argv=None) -> None:
+    from nemo_pixellm import compat
+
+    compat.enable(entry_point=True)
+    from nemo_pixellm.evaluate import parse_args
+
+    args = parse_args(GenerateArgs, sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except (RequestError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -52,6 +52,16 @@ QUICK = ["logger.log_interval=1", "validation.eval_interval=null", "dataset.num_
 
 
 @pytest.fixture(scope="session")
+def trained_checkpoint(cache_dir, tmp_path_factory) -> Path:
+    """A 2-step stage-3 checkpoint.save directory of the tiny variant with tiling on (112-pixel views, up to 4
+    tiles), shared by the tests that use a trained checkpoint (export, generation). Read it, do not write it."""
+    root = tmp_path_factory.mktemp("trained")
+    run_train(["+stage=stage3", *QUICK, "train.train_iters=2", "dataset.image_size=112", "dataset.max_tiles=4",
+               f"checkpoint.save={root / 'checkpoints'}", f"run_dir={root / 'run'}"], cache_dir)
+    return root / "checkpoints"
+
+
+@pytest.fixture(scope="session")
 def megatron_single_process():
     """torch.distributed (gloo, 1 process) and Megatron's parallel state, for in-process model tests."""
     from nemo_pixellm.distributed import single_process_groups

@@ -149,7 +149,7 @@ def test_chat_template_masks_all_but_assistant_tokens(tokenizer):
     from nemo_pixellm.tiling import ImageLayout
 
     layout = ImageLayout(grid=(0, 0), side=2)
-    segments = chat_segments(tokenizer, turns, ImageSegment(layout, tokenizer.image_id))
+    segments = chat_segments(tokenizer, turns, [ImageSegment(layout, tokenizer.image_id)])
     image = [s for s in segments if isinstance(s, ImageSegment)]
     assert len(image) == 1 and all(isinstance(s, TextSegment) for s in segments if s is not image[0])
     ids = [t for s in segments for t in ([s.token_id] * s.tokens if s is image[0] else s.ids)]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import DeepseekV3ForCausalLM, SiglipVisionModel
 
-from conftest import PYTHON, QUICK, ROOT, TINY_LM, TINY_VISION_56, build_pixellm, run_train
+from conftest import PYTHON, ROOT, TINY_LM, TINY_VISION_56, build_pixellm
 from nemo_pixellm.export.__main__ import export_model
 
 
@@ -57,22 +57,20 @@ def test_export_loads_in_transformers_and_computes_the_same(megatron_single_proc
 
 
 @pytest.mark.slow
-def test_export_cli_from_a_training_checkpoint(cache_dir, tmp_path):
+def test_export_cli_from_a_training_checkpoint(trained_checkpoint, cache_dir, tmp_path):
     """The CLI on a Bridge checkpoint: every language-model tensor lands in the HF checkpoint (the fused norms
     included, stored under Transformer Engine's names), and an existing export is never overwritten."""
     from test_training import checkpoint_tensors
 
-    run_train(["+stage=stage2", *QUICK, "train.train_iters=2", f"checkpoint.save={tmp_path / 'ckpt'}",
-               f"run_dir={tmp_path / 'run'}"], cache_dir)
     env = dict(os.environ, NEMO_PIXELLM_CACHE=str(cache_dir))
-    command = [PYTHON, "-m", "nemo_pixellm.export", f"checkpoint={tmp_path / 'ckpt'}", f"out={tmp_path / 'hf'}"]
+    command = [PYTHON, "-m", "nemo_pixellm.export", f"checkpoint={trained_checkpoint}", f"out={tmp_path / 'hf'}"]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "language_model/tokenizer.json" in report["files"]
 
     hf = load_file(tmp_path / "hf" / "language_model" / "model.safetensors")
-    stored = checkpoint_tensors(tmp_path / "ckpt", tmp_path)
+    stored = checkpoint_tensors(trained_checkpoint, tmp_path)
     pairs = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
              "decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight": "model.layers.0.self_attn.q_a_layernorm.weight",
              "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": "model.layers.0.post_attention_layernorm.weight",

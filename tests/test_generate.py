@@ -109,3 +109,66 @@ def test_sampling_filters():
     freq = torch.bincount(draws, minlength=5).float() / draws.numel()
     two = (logits[0, :2] / 2).softmax(-1)
     torch.testing.assert_close(freq, torch.cat([two, torch.zeros(3)]), atol=0.015, rtol=0)
+
+
+@pytest.mark.slow
+def test_generate_cli_answers_about_own_images(trained_checkpoint, cache_dir, tmp_path):
+    """`python -m nemo_pixellm.generate` on a training checkpoint: a wide PNG with a prompt (streamed), and a JSONL
+    of a text-only prompt, a tall JPEG and two images in one prompt; each answer equals the checkpoint's own
+    greedy decoding without the cache, in-process, on the prompt laid out as in training (tiled views)."""
+    import json
+    import os
+    import subprocess
+
+    from PIL import Image, ImageDraw
+
+    from conftest import PYTHON, ROOT
+    from nemo_pixellm.data import sources
+    from nemo_pixellm.evaluate import load
+    from nemo_pixellm.generate import RequestError, open_request_image, prompt_from_request
+
+    ckpt = trained_checkpoint
+    for name, size in (("wide.png", (300, 170)), ("tall.jpg", (90, 260))):
+        image = Image.new("RGB", size, (40, 90, 200))
+        ImageDraw.Draw(image).ellipse((10, 10, 60, 60), fill=(220, 30, 30))
+        image.save(tmp_path / name)
+    wide, tall = str(tmp_path / "wide.png"), str(tmp_path / "tall.jpg")
+    asks = [{"prompt": "What colour is the circle?", "images": [wide]},
+            {"prompt": "How many circles are there?"},
+            {"prompt": "What is in the picture?", "images": [tall]},
+            {"prompt": "Left: <image> right: <image> which one is wider?", "images": [wide, tall]}]
+    (tmp_path / "asks.jsonl").write_text("".join(json.dumps(a) + "\n" for a in asks[1:]))
+    env = dict(os.environ, NEMO_PIXELLM_CACHE=str(cache_dir))
+
+    def cli(*args, check=True):
+        proc = subprocess.run([PYTHON, "-m", "nemo_pixellm.generate", f"checkpoint={ckpt}", "max_new_tokens=6", *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert not check or proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    streamed = cli(f"image={wide}", f"prompt={asks[0]['prompt']}", "greedy=true").stdout.strip()  # only the answer
+    batched = [json.loads(line) for line in cli(f"requests={tmp_path / 'asks.jsonl'}", "batch_size=2").stdout.splitlines()]
+    assert [r["prompt"] for r in batched] == [a["prompt"] for a in asks[1:]]
+
+    model, data_config, _ = load(str(ckpt))
+    tokenizer = sources.load_tokenizer(data_config)
+    expected, views = [], []
+    for ask in asks:
+        pictures = [open_request_image(p) for p in ask.get("images", [])]
+        prompt = prompt_from_request(tokenizer, ask["prompt"], pictures, data_config)
+        views.append(prompt.views.shape[0])
+        out = generate(model, [prompt], tokenizer.eos_id, tokenizer.pad_id, max_new_tokens=6, use_cache=False)[0]
+        expected.append(tokenizer.decode(out).strip())
+    assert [streamed] + [r["answer"] for r in batched] == expected
+    layout = lambda w, h, n=1: tiling.image_layout(w, h, tile=data_config.image_size, max_tiles=data_config.max_tiles,  # noqa: E731
+                                                   images_in_sample=n)
+    assert views == [layout(300, 170).views, 0, layout(90, 260).views, layout(300, 170, 2).views + layout(90, 260, 2).views]
+    assert layout(300, 170).grid != layout(90, 260).grid  # the aspect ratio chose the tiles
+
+    missing = cli(f"image={tmp_path / 'nope.png'}", "prompt=hi", check=False)
+    assert missing.returncode == 2 and f"image {tmp_path / 'nope.png'}: no such file" in missing.stderr
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(RequestError, match="not an image the decoder can read"):
+        open_request_image(str(tmp_path / "bad.jpg"))
+    with pytest.raises(ValueError, match="2 <image> placeholder"):
+        prompt_from_request(tokenizer, "<image> and <image>", [open_request_image(wide)], data_config)

@@ -13,7 +13,7 @@ Chat template (the tokenizer's special tokens; loss only on assistant tokens and
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
@@ -39,6 +39,7 @@ class TextSegment:
 class ImageSegment:
     layout: tiling.ImageLayout
     token_id: int  # the placeholder id each of the image's positions holds (the model puts features there)
+    image: Image.Image | None = field(default=None, compare=False)  # its own picture; None: the sample's
 
     @property
     def tokens(self) -> int:
@@ -50,7 +51,8 @@ Segment = TextSegment | ImageSegment
 
 @dataclass
 class Sample:
-    """One record as the model reads it: its segments in order, and its image (one per sample)."""
+    """One record as the model reads it: its segments in order, and its image (an ImageSegment may carry its
+    own instead: several images in one prompt)."""
 
     key: str
     segments: list[Segment]
@@ -89,7 +91,8 @@ class Sample:
                 ids += [segment.token_id] * layout.tokens
                 carries += [0.0] * layout.tokens
                 blocks += layout.blocks
-                views += [tiling.to_tensor(v) for v in tiling.tile_image(self.image, layout, self.tile)]
+                picture = segment.image if segment.image is not None else self.image
+                views += [tiling.to_tensor(v) for v in tiling.tile_image(picture, layout, self.tile)]
                 grids.append(layout.grid)
             else:
                 part = segment.ids[:left]
@@ -138,7 +141,11 @@ class ShardSamples:
         for max_tiles in dict.fromkeys((self.max_tiles, min(self.max_tiles, 1), 0)):
             layout = None if image is None else tiling.image_layout(
                 *image.size, tile=tile, patch=self.patch_size, downsample=self.downsample, max_tiles=max_tiles)
-            sample = Sample(key, self._segments(meta, index, layout), image, tile)
+            try:
+                segments = self._segments(meta, index, layout)
+            except ValueError as error:  # more <image> placeholders than the record's one image
+                raise BadRecord(f"{key}: {error}") from None
+            sample = Sample(key, segments, image, tile)
             if sample.prompt_tokens < max_tokens:
                 break
         return sample
@@ -153,7 +160,7 @@ class ShardSamples:
             turns = [{"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + qa["q"]}, {"from": "gpt", "value": qa["a"]}]
         else:
             turns = meta["conversations"]
-        return chat_segments(tok, turns, image if layout is not None else None)
+        return chat_segments(tok, turns, [image] if layout is not None else [])
 
 
 # The field each task reads: (name, type, the string fields of each entry of a list).
@@ -193,23 +200,27 @@ def open_image(key: str, data: bytes) -> Image.Image:
     return image
 
 
-def chat_segments(tok: PixelTokenizer, turns: list[dict], image_segment: ImageSegment | None) -> list[Segment]:
-    """LLaVA turns ({"from": system|human|gpt, "value"}) -> template segments; the image goes where the
-    placeholder stands (or before the first user text when there is none)."""
-    segments = []
-    if image_segment is not None and not any(IMAGE_PLACEHOLDER in t["value"] for t in turns):
-        turns = [dict(turns[0], value=IMAGE_PLACEHOLDER + "\n" + turns[0]["value"])] + list(turns[1:])
+def chat_segments(tok: PixelTokenizer, turns: list[dict], images: list[ImageSegment]) -> list[Segment]:
+    """LLaVA turns ({"from": system|human|gpt, "value"}) -> template segments; the images go where the
+    placeholders stand, in order (those without one before the first turn's text). More placeholders than
+    images: ValueError."""
+    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if placeholders > len(images):
+        raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)")
+    if placeholders < len(images):
+        missing = IMAGE_PLACEHOLDER * (len(images) - placeholders)
+        turns = [dict(turns[0], value=missing + "\n" + turns[0]["value"])] + list(turns[1:])
+    segments, pending = [], list(images)
     for turn in turns:
         role = turn["from"]
         if role == "gpt":
             segments += [TextSegment([tok.assistant_id], False), TextSegment(tok.encode(" " + turn["value"]) + [tok.eos_id], True)]
             continue
         segments.append(TextSegment([tok.system_id if role == "system" else tok.user_id], False))
-        before, placeholder, after = turn["value"].partition(IMAGE_PLACEHOLDER)
-        if before.strip():
-            segments.append(TextSegment(tok.encode(" " + before.strip()), False))
-        if placeholder and image_segment is not None:
-            segments.append(image_segment)
-        if after.strip():
-            segments.append(TextSegment(tok.encode(" " + after.strip()), False))
+        parts = turn["value"].split(IMAGE_PLACEHOLDER)
+        for i, part in enumerate(parts):
+            if i:
+                segments.append(pending.pop(0))
+            if part.strip():
+                segments.append(TextSegment(tok.encode(" " + part.strip()), False))
     return segments

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from nemo_pixellm import compat
@@ -80,16 +79,11 @@ def export(args: ExportArgs) -> dict:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    from nemo_pixellm.evaluate import parse_args
+
+    args = parse_args(ExportArgs, sys.argv[1:] if argv is None else argv, required=("checkpoint", "out"))
     try:
-        args = OmegaConf.merge(OmegaConf.structured(ExportArgs), OmegaConf.from_dotlist(argv))
-    except Exception as err:  # omegaconf names the bad key or value
-        sys.exit(f"error: {err}")
-    missing = [k for k in ("checkpoint", "out") if OmegaConf.is_missing(args, k)]
-    if missing:
-        sys.exit(f"error: give {' and '.join(f'{k}=<dir>' for k in missing)}")
-    try:
-        print(json.dumps(export(OmegaConf.to_object(args))))
+        print(json.dumps(export(args)))
     except (FileExistsError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 
