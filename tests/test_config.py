@@ -139,6 +139,8 @@ BAD_CONFIGS = [
     (["stage.init_from={d}/empty"], "stage.init_from=.*empty is not a checkpoint directory"),
     (["stage.trainable=[projector,vision]"], r"stage.trainable names \['vision'\]: choose from vision_model"),
     (["checkpoint.load={d}/none"], "checkpoint.load=.*none does not exist: give a checkpoint.save directory"),
+    (["+model.language_pretrained_path={d}/empty"], "model.language_pretrained_path=.*empty is not a Hugging Face "
+     "DeepseekV3ForCausalLM directory"),
 ]
 
 

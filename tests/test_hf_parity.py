@@ -38,7 +38,7 @@ def hf_model(yarn: dict | None) -> DeepseekV3ForCausalLM:
     return model
 
 
-def pixellm_lm(pg, yarn: dict | None, seq_length: int = 256):
+def pixellm_lm(pg, yarn: dict | None, seq_length: int = 256, **overrides):
     s = SIZES
     extra = {}
     if yarn:
@@ -48,8 +48,8 @@ def pixellm_lm(pg, yarn: dict | None, seq_length: int = 256):
                      mscale_all_dim=yarn["mscale_all_dim"])
     else:
         extra = dict(rope_type="rope")
-    model = build_pixellm(
-        pg, num_layers=s["layers"], moe_layer_freq=[0] + [1] * (s["layers"] - 1), hidden_size=s["hidden"],
+    kwargs = dict(
+        num_layers=s["layers"], moe_layer_freq=[0] + [1] * (s["layers"] - 1), hidden_size=s["hidden"],
         ffn_hidden_size=s["dense_ffn"], num_attention_heads=s["heads"], q_lora_rank=s["q_lora"],
         kv_lora_rank=s["kv_lora"], qk_head_dim=s["nope"], qk_pos_emb_head_dim=s["rope"], v_head_dim=s["v"],
         num_moe_experts=s["experts"], moe_router_topk=s["k"], moe_ffn_hidden_size=s["expert_ffn"],
@@ -58,7 +58,7 @@ def pixellm_lm(pg, yarn: dict | None, seq_length: int = 256):
         vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
         vision_image_size=224, image_token_id=s["vocab"] - 1, **extra,
     )
-    return model.language_model
+    return build_pixellm(pg, **{**kwargs, **overrides}).language_model
 
 
 YARN = {"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -106,3 +106,32 @@ def test_yarn_only_beyond_the_original_context(megatron_single_process, tmp_path
         expected = hf(input_ids=ids).logits
         got = lm(input_ids=ids, position_ids=torch.arange(48)[None], attention_mask=None)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_language_model_starts_from_hf_weights(megatron_single_process, tmp_path):
+    """model.language_pretrained_path: the provider loads a DeepseekV3ForCausalLM directory into the language
+    model (its logits are transformers'); a config or tensor that does not fit is refused by name."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_model(None)
+    hf.save_pretrained(tmp_path / "hf")
+    lm = pixellm_lm(megatron_single_process, None, language_pretrained_path=str(tmp_path / "hf"))
+    ids = torch.randint(0, SIZES["vocab"] - 1, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = lm(input_ids=ids, position_ids=torch.arange(40).expand(2, -1), attention_mask=None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+    with pytest.raises(ValueError, match=r"model.kv_lora_rank=8 but .* has kv_lora_rank=16"):
+        pixellm_lm(megatron_single_process, None, language_pretrained_path=str(tmp_path / "hf"), kv_lora_rank=8)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    tensors["model.layers.1.self_attn.o_proj.weight"] = tensors["model.layers.1.self_attn.o_proj.weight"][:, :-8].clone()
+    save_file(tensors, tmp_path / "cut" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.o_proj.weight gives "
+                                         r"decoder.layers.1.self_attention.linear_proj.weight the shape \(64, 88\)"):
+        pixellm_lm(megatron_single_process, None, language_pretrained_path=str(tmp_path / "cut"))

@@ -161,3 +161,49 @@ def deepseek_v3_config(config, vocab_size: int):
         v_head_dim=config.v_head_dim, max_position_embeddings=config.seq_length, rms_norm_eps=config.layernorm_epsilon,
         rope_parameters=rope, tie_word_embeddings=config.share_embeddings_and_output_weights,
     )
+
+
+# What a DeepseekV3 config.json must say for this model (HF key -> the PixelLM key that sets it).
+_CONFIG_KEYS = {
+    "hidden_size": "model.hidden_size", "num_hidden_layers": "model.num_layers",
+    "num_attention_heads": "model.num_attention_heads", "q_lora_rank": "model.q_lora_rank",
+    "kv_lora_rank": "model.kv_lora_rank", "qk_nope_head_dim": "model.qk_head_dim",
+    "qk_rope_head_dim": "model.qk_pos_emb_head_dim", "v_head_dim": "model.v_head_dim",
+    "n_routed_experts": "model.num_moe_experts", "num_experts_per_tok": "model.moe_router_topk",
+    "moe_intermediate_size": "model.moe_ffn_hidden_size", "intermediate_size": "model.ffn_hidden_size",
+    "vocab_size": "the tokenizer's vocabulary (dataset.tokenizer_path)",
+}
+
+
+def load_hf_language_model(language_model: torch.nn.Module, directory, config) -> None:
+    """Start ``language_model`` (a 1-process PixelLM language model) from a Hugging Face DeepseekV3ForCausalLM
+    directory (``model.language_pretrained_path``). A config or tensor that does not fit is refused by name."""
+    import json
+
+    directory = Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}: model.language_pretrained_path must be a Hugging Face "
+                                "DeepseekV3ForCausalLM directory (save_pretrained output)")
+    for size in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        if getattr(config, size) != 1:
+            raise ValueError(f"model.language_pretrained_path imports in one process (model.{size}="
+                             f"{getattr(config, size)}): import once with the parallel sizes at 1, save, then start "
+                             "the parallel run from that checkpoint (stage.init_from), which Megatron reshards")
+    theirs = json.loads(config_file.read_text())
+    ours = deepseek_v3_config(config, config.vocab_size).to_dict()
+    wrong = [f"{_CONFIG_KEYS[k]}={ours[k]} but {directory} has {k}={theirs.get(k)}"
+             for k in _CONFIG_KEYS if theirs.get(k) != ours[k]]
+    if wrong:
+        raise ValueError(f"{directory} does not fit the configured language model: " + "; ".join(wrong))
+    params = {k: v for k, v in language_model.state_dict().items() if not k.endswith("._extra_state")}
+    hf_state = read_hf_checkpoint(directory)
+    absent = sorted({n for names in name_routes(params).values() for n in names} - set(hf_state))
+    if absent:
+        raise KeyError(f"{directory} lacks {absent[:5]}{' ...' if len(absent) > 5 else ''}")
+    state = hf_to_megatron(hf_state, params)
+    for name, tensor in state.items():
+        if tensor.shape != params[name].shape:
+            raise ValueError(f"{directory}: {' + '.join(name_routes([name])[name])} gives {name} the shape "
+                             f"{tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}")
+    language_model.load_state_dict({k: v.to(params[k].dtype) for k, v in state.items()}, strict=False)

@@ -13,6 +13,7 @@ from megatron.bridge.utils.instantiate_utils import register_allowed_target_pref
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_pixellm import compat
+from nemo_pixellm.export.hf_deepseek_v3 import load_hf_language_model
 from nemo_pixellm.export.hf_siglip import load_siglip_tower
 from nemo_pixellm.models.pixellm import PixelLMModel
 from nemo_pixellm.models.specs import decoder_block_spec
@@ -74,6 +75,7 @@ class PixelLMProvider(MLAModelProvider):
     vision_image_size: int = 384  # resolution of the learned position table; other sizes interpolate
     vision_layernorm_epsilon: float = 1e-6
     vision_pretrained_path: str | None = None  # a Hugging Face SiglipVisionModel directory to start the tower from
+    language_pretrained_path: str | None = None  # a Hugging Face DeepseekV3ForCausalLM directory to start the LM from
 
     # Projector: pixel-unshuffle factor and MLP width (None = LM hidden size).
     projector_downsample: int = 2
@@ -149,6 +151,8 @@ class PixelLMProvider(MLAModelProvider):
         )
         if self.vision_pretrained_path and model.vision_model is not None:
             load_siglip_tower(model.vision_model, self.vision_pretrained_path)
+        if self.language_pretrained_path:
+            load_hf_language_model(model.language_model, self.language_pretrained_path, self)
         apply_trainable(model, self.trainable_modules)
         return model
 

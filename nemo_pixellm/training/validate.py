@@ -27,6 +27,11 @@ def validate_model_keys(model_values: dict) -> None:
     for key, instead in DERIVED_MODEL_KEYS.items():
         if key in model_values:
             raise ConfigError(f"model.{key} is set from {instead}: drop model.{key} and set that instead")
+    for key, kind in (("vision_pretrained_path", "SiglipVisionModel"), ("language_pretrained_path", "DeepseekV3ForCausalLM")):
+        path = model_values.get(key)
+        if path and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"model.{key}={path} is not a Hugging Face {kind} directory (no config.json there): "
+                              "give the directory save_pretrained wrote")
 
 
 def _check_shards(path, key: str, task: str) -> None:
