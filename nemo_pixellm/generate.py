@@ -92,12 +92,15 @@ def latent_kv_cache(model):
 class _Decoder:
     """Collects each row's new tokens until its end token."""
 
-    def __init__(self, rows: int, eos_id: int, temperature: float, top_k: int, top_p: float, seed: int, scores,
-                 image_id: int | None = None, on_token=None):
+    def __init__(self, rows: int, eos_id: int, temperature: float, top_k: int, top_p: float, seed: int | list[int],
+                 scores, image_id: int | None = None, on_token=None):
         self.outputs, self.done, self.scores = [[] for _ in range(rows)], [False] * rows, scores
         self.on_token = on_token
         self.eos_id, self.sampling, self.image_id = eos_id, (temperature, top_k, top_p), image_id
-        self.generator = torch.Generator().manual_seed(seed)
+        # One seed: one stream for the batch. One seed per row: each row its own stream, so a row's tokens do
+        # not depend on which rows it is decoded with (GRPO's rollouts on any layout).
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def step(self, last_logits: torch.Tensor) -> torch.Tensor:
         if self.scores is not None:
@@ -105,7 +108,11 @@ class _Decoder:
         logits = last_logits.float()
         if self.image_id is not None:  # an image placeholder has no image behind it: never emit one
             logits = logits.index_fill(1, torch.tensor([self.image_id]), float("-inf"))
-        tokens = sample_next(logits, *self.sampling, self.generator)
+        if len(self.generators) == 1:
+            tokens = sample_next(logits, *self.sampling, self.generators[0])
+        else:
+            tokens = torch.cat([sample_next(row[None], *self.sampling, generator)
+                                for row, generator in zip(logits, self.generators)])
         for i, token in enumerate(tokens.tolist()):
             if not self.done[i]:
                 if token == self.eos_id:
@@ -119,11 +126,14 @@ class _Decoder:
 
 @torch.no_grad()
 def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tokens: int = 8,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             use_cache: bool = True, scores: list | None = None, on_token=None) -> list[list[int]]:
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | list[int] = 0,
+             use_cache: bool = True, scores: list | None = None, on_token=None,
+             all_steps: bool = False) -> list[list[int]]:
     """New tokens per prompt (without the end token). Right-padded batch; each row reads its own last logit.
-    ``scores``: a list that receives each step's next-token logits [b, vocab]; ``on_token(row, token)`` is
-    called for each new token as it is chosen (streaming)."""
+    ``seed``: one for the batch or one per row; ``scores``: a list that receives each step's next-token
+    logits [b, vocab]; ``on_token(row, token)`` is called for each new token as it is chosen (streaming);
+    ``all_steps``: run max_new_tokens steps even when every row has ended (expert-parallel ranks decoding
+    different prompts must run the same number of forward passes)."""
     decoder = _Decoder(len(prompts), eos_id, temperature, top_k, top_p, seed, scores,
                        getattr(model, "image_token_id", None), on_token)
     device = next(model.parameters()).device
@@ -146,7 +156,7 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
                                      for p in prompts], dim=1)  # [3, b, length]
             logits = forward(tokens, positions, images=images, image_grids=grids)
             decoder.step(logits[rows, torch.tensor([len(r) - 1 for r in seqs])])
-            if all(decoder.done):
+            if all(decoder.done) and not all_steps:
                 break
         return decoder.outputs
 
@@ -163,7 +173,7 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
         logits = forward(tokens, positions, attention_mask=mask, images=images, image_grids=grids)
         next_tokens = decoder.step(logits[rows, lengths - 1])
         for k in range(1, max_new_tokens):
-            if all(decoder.done):
+            if all(decoder.done) and not all_steps:
                 break
             real = torch.cat([real, torch.ones(len(prompts), 1, dtype=torch.bool)], dim=1)
             # The k-th new token of row i sits at text position (prompt end + k - 1) of that row.

@@ -71,13 +71,22 @@ def run(cfg: DictConfig) -> None:
         return
     run_state = RunState()  # what the forward step and the callbacks share
     callbacks = [ProgressCallback(run_state, cfg.run_dir)]
+    if cfg.stage.name == "stage4":
+        from nemo_pixellm.data import sources
+        from nemo_pixellm.preference import stage4_step
+
+        forward_step, stage_callbacks = stage4_step(cfg, container, run_state,
+                                                    sources.load_tokenizer(container.dataset))
+        callbacks += stage_callbacks
+    else:
+        forward_step = ForwardStep(run_state)
     ema = EMACallback(cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
     if ema is not None:
         callbacks.append(ema)
     if cfg.vqa_eval.interval:
         callbacks.append(VQAEvalCallback(cfg.vqa_eval.interval, cfg.vqa_eval.samples, ema))
     try:
-        pretrain(container, ForwardStep(run_state), callbacks=callbacks)
+        pretrain(container, forward_step, callbacks=callbacks)
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
         if (what := failed_save(container.checkpoint.save)) is None:
             raise

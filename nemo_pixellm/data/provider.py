@@ -34,10 +34,11 @@ class PixelLMDataConfig(DatasetProvider):
     tokenizer_path: str | None = None
     tokenizer_vocab_size: int = 512
     max_bad_fraction: float = 0.01  # bad records (skipped and counted) above this share of those read stop the run
+    generations: int = 0  # stage-4 GRPO: sequences are answers, drawn in groups of this many per question
 
     def build_datasets(self, context: DatasetBuildContext):
         """Bridge's hook: the datasets are made by ``nemo_pixellm.data.sources`` from this description."""
         tokenizer = sources.load_tokenizer(self)
         train = sources.train_dataset(self, tokenizer, max(context.train_samples, 1))
-        valid = sources.valid_dataset(self, tokenizer) if context.valid_samples > 0 else None
+        valid = sources.valid_dataset(self, tokenizer, context.valid_samples) if context.valid_samples > 0 else None
         return train, valid, None

@@ -5,6 +5,7 @@ Tasks (a source's ``task``):
 - ``vqa``: one question/answer turn of the record's ``qa`` list (epochs cycle through them).
 - ``chat``: the record's LLaVA-style ``conversations`` through the chat template.
 - ``text``: the record's ``text`` (text-only data); loss on all of it.
+- ``preference``: a (chosen, rejected) pair of samples (``pair``): stage-4 DPO.
 
 Chat template (the tokenizer's special tokens; loss only on assistant tokens and their end token):
 
@@ -21,7 +22,7 @@ from nemo_pixellm import tiling
 from nemo_pixellm.data.shards import BadRecord, ShardReader
 from nemo_pixellm.data.tokenizer import PixelTokenizer
 
-TASKS = ("caption", "vqa", "chat", "text")
+TASKS = ("caption", "vqa", "chat", "text", "preference")
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -122,27 +123,58 @@ class ShardSamples:
         """The sample with its image laid out for ``tile``-pixel views, within ``max_tokens`` if tiling allows.
         The image is opened lazily: computing lengths decodes only its header. A record that cannot become
         a sample raises BadRecord."""
-        raw = self.reader[index % len(self.reader)]
-        key = raw["__key__"]
-        try:
-            meta = json.loads(raw["json"])
-            check_fields(meta, self.task)
-        except KeyError:
-            raise BadRecord(f"{key}: no json member") from None
-        except (ValueError, UnicodeDecodeError, TypeError) as error:  # JSONDecodeError is a ValueError
-            raise BadRecord(f"{key}: malformed record ({error})") from None
+        if self.task == "preference":
+            raise ValueError("a preference record makes two samples: use ShardSamples.pair")
+        key, raw, meta = self._record(index, self.task)
         tok = self.tokenizer
         if self.task == "text":
             return Sample(key, [TextSegment(tok.encode(meta["text"]) + [tok.eos_id], True)])
         image = open_image(key, raw["jpg"]) if "jpg" in raw else None
         if image is None and (self.task != "chat" or any(IMAGE_PLACEHOLDER in t["value"] for t in meta["conversations"])):
             raise BadRecord(f"{key}: missing image (no jpg member)")
+        return self._fit(key, image, tile, max_tokens, lambda layout: self._segments(meta, index, layout))
+
+    def pair(self, index: int, tile: int, max_tokens: int, rng) -> tuple[Sample, Sample]:
+        """(chosen, rejected) samples of one prompt: a preference record's own answers (data_prep.preference:
+        question, chosen, rejected), or for a record with known answers (the synthetic set) question
+        index // len's answer and a wrong one of the same type (``synthetic.distractor``, drawn with ``rng``)."""
+        from nemo_pixellm.data.synthetic import distractor
+
+        key, raw, meta = self._record(index, "preference")
+        if "chosen" in meta:
+            question, answers = meta["question"], (meta["chosen"], meta["rejected"])
+        else:
+            qa = meta["qa"][index // len(self.reader) % len(meta["qa"])]
+            question, answers = qa["q"], (qa["a"], distractor(qa, rng))
+        image = open_image(key, raw["jpg"]) if "jpg" in raw else None
+        tok = self.tokenizer
+
+        def segments(answer):
+            turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+            return lambda layout: chat_segments(tok, turns, [ImageSegment(layout, tok.image_id)] if layout else [])
+
+        chosen, rejected = (self._fit(key, image, tile, max_tokens, segments(a)) for a in answers)
+        return chosen, rejected
+
+    def _record(self, index: int, task: str) -> tuple[str, dict, dict]:
+        raw = self.reader[index % len(self.reader)]
+        key = raw["__key__"]
+        try:
+            meta = json.loads(raw["json"])
+            check_fields(meta, task)
+        except KeyError:
+            raise BadRecord(f"{key}: no json member") from None
+        except (ValueError, UnicodeDecodeError, TypeError) as error:  # JSONDecodeError is a ValueError
+            raise BadRecord(f"{key}: malformed record ({error})") from None
+        return key, raw, meta
+
+    def _fit(self, key: str, image, tile: int, max_tokens: int, segments_for) -> Sample:
         # Fewer tiles when the full tiling leaves no room for the text (DeepSeek-VL2 would truncate).
         for max_tiles in dict.fromkeys((self.max_tiles, min(self.max_tiles, 1), 0)):
             layout = None if image is None else tiling.image_layout(
                 *image.size, tile=tile, patch=self.patch_size, downsample=self.downsample, max_tiles=max_tiles)
             try:
-                segments = self._segments(meta, index, layout)
+                segments = segments_for(layout)
             except ValueError as error:  # more <image> placeholders than the record's one image
                 raise BadRecord(f"{key}: {error}") from None
             sample = Sample(key, segments, image, tile)
@@ -166,12 +198,20 @@ class ShardSamples:
 # The field each task reads: (name, type, the string fields of each entry of a list).
 TASK_FIELDS = {"caption": ("caption", str, ()), "vqa": ("qa", list, ("q", "a")),
                "chat": ("conversations", list, ("from", "value")), "text": ("text", str, ())}
+PREFERENCE_FIELDS = ("question", "chosen", "rejected")  # data_prep.preference's records
 
 
 def check_fields(meta, task: str) -> None:
     """ValueError naming what the task needs that the record lacks."""
     if not isinstance(meta, dict):
         raise ValueError("not a JSON object")
+    if task == "preference":  # a pair of its own, or known answers to build one from
+        if "qa" in meta and "chosen" not in meta:
+            return check_fields(meta, "vqa")
+        if not all(isinstance(meta.get(f), str) and meta[f] for f in PREFERENCE_FIELDS):
+            raise ValueError(f"a preference record needs non-empty string fields {', '.join(PREFERENCE_FIELDS)} "
+                             f"(or a 'qa' list); the record has {sorted(meta)}")
+        return None
     name, kind, entry_fields = TASK_FIELDS[task]
     value = meta.get(name)
     if not isinstance(value, kind) or not value:

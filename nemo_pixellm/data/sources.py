@@ -111,8 +111,18 @@ def _samples(config, path, tokenizer, task, key: str = "dataset.path") -> ShardS
     return ShardSamples(path, tokenizer, task, config.patch_size, config.downsample, config.max_tiles, key)
 
 
-def train_dataset(config, tokenizer, num_sequences: int) -> TrainingSequences:
+def train_dataset(config, tokenizer, num_sequences: int):
     train_path, _ = data_paths(config)
+    if config.generations:  # stage-4 GRPO: questions in groups, answered by the policy during training
+        from nemo_pixellm.preference.rollouts import PromptGroups
+
+        return PromptGroups(_samples(config, train_path, tokenizer, "vqa"), config.generations, num_sequences,
+                            config.image_size, config.seq_length, config.seed)
+    if config.task == "preference":
+        from nemo_pixellm.preference.dpo import PreferencePairs
+
+        return PreferencePairs(_samples(config, train_path, tokenizer, "preference"), num_sequences,
+                               config.image_size, config.seq_length, config.seed)
     sources, shares = [_samples(config, train_path, tokenizer, config.task)], [1.0 - config.text_ratio]
     if config.text_ratio > 0:
         text_path = config.text_path or (
@@ -125,11 +135,17 @@ def train_dataset(config, tokenizer, num_sequences: int) -> TrainingSequences:
                              plan_cache=cache_dir(config) / "plans", max_bad_fraction=config.max_bad_fraction)
 
 
-def valid_dataset(config, tokenizer) -> TrainingSequences | None:
+def valid_dataset(config, tokenizer, num_sequences: int | None = None):
     _, valid_path = data_paths(config)
-    if valid_path is None:
+    if valid_path is None or config.generations:  # GRPO's held-out reward: vqa_eval.interval
         return None
     key = "dataset.valid_path" if config.path else "dataset.path"
+    if config.task == "preference":
+        from nemo_pixellm.preference.dpo import PreferencePairs
+
+        records = _samples(config, valid_path, tokenizer, "preference", key)
+        return PreferencePairs(records, num_sequences or len(records), config.image_size, config.seq_length,
+                               config.seed + 1)
     return TrainingSequences([_samples(config, valid_path, tokenizer, config.task, key)], [1.0], tokenizer,
                              config.seq_length, None, config.image_size, seed=config.seed,
                              max_bad_fraction=config.max_bad_fraction)

@@ -258,3 +258,22 @@ def scene_record(seed: int, index: int, size: int, quality: int = 90) -> dict:
     meta = {"kind": scene.kind, "caption": scene.caption, "qa": scene.qa, "conversations": scene.conversations,
             "seed": seed, "index": index}
     return {"__key__": f"{seed:04d}_{index:08d}", "jpg": buf.getvalue(), "json": json.dumps(meta).encode()}
+
+
+def distractor(qa: dict, rng: random.Random) -> str:
+    """A wrong answer of the question's own type (a colour for a colour question, the other side for a
+    position): the rejected answer of a synthetic preference pair."""
+    answer, kind = qa["a"], qa["type"]
+    if kind == "position":
+        return {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}[answer]
+    if kind == "relation":
+        choices = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    elif kind == "colour":
+        choices = list(COLOURS)
+    elif kind == "count":
+        choices = list(NUMBER_WORDS[1:])
+    elif kind == "chart":
+        choices = list(CHART_LABELS) if answer in CHART_LABELS else [str(v) for v in range(1, 11)]
+    else:  # ocr: a word or a number
+        choices = list(WORDS) + [str(rng.randint(0, 999))]
+    return rng.choice([c for c in choices if c != answer])

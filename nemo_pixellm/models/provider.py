@@ -83,6 +83,7 @@ class PixelLMProvider(MLAModelProvider):
 
     image_token_id: int = -1  # set from the tokenizer
     trainable_modules: list[str] | None = None  # None = everything trains; else the named children that do
+    freeze_moe_router: bool = False  # router weights and expert bias fixed (stage 4: NeMo-RL's RL practice)
 
     def _module_config(self, **fields) -> TransformerConfig:
         """A TransformerConfig for the vision tower or projector: its own sizes and layer choices (``fields``),
@@ -154,6 +155,8 @@ class PixelLMProvider(MLAModelProvider):
         if self.language_pretrained_path:
             load_hf_language_model(model.language_model, self.language_pretrained_path, self)
         apply_trainable(model, self.trainable_modules)
+        if self.freeze_moe_router:
+            freeze_routers(model)
         return model
 
 
@@ -172,3 +175,12 @@ def apply_trainable(model: torch.nn.Module, trainable_modules: list[str] | None)
             for sub in module.modules():
                 if hasattr(sub, "expert_bias"):
                     sub.frozen_expert_bias = name not in trainable_modules
+
+
+def freeze_routers(model: torch.nn.Module) -> None:
+    """Fix every MoE router: its weight leaves the optimizer, its expert bias stops updating (bias updates and
+    route changes make RL's log-probs drift between rollout and training)."""
+    for module in model.modules():
+        if hasattr(module, "expert_bias"):
+            module.weight.requires_grad_(False)
+            module.frozen_expert_bias = True

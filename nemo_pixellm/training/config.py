@@ -30,6 +30,7 @@ from nemo_pixellm.data import sources
 from nemo_pixellm.data.provider import PixelLMDataConfig
 from nemo_pixellm.stages import STAGES
 from nemo_pixellm.models.provider import PixelLMProvider
+from nemo_pixellm.preference import check_stage4
 from nemo_pixellm.training.validate import (
     ConfigError,
     validate_data,
@@ -85,11 +86,6 @@ def check_stage(cfg: DictConfig) -> DictConfig:
     name = cfg.stage.name
     if name not in STAGES:
         raise ConfigError(f"unknown stage '{name}': choose one of {', '.join(STAGES)}")
-    if name == "stage4":
-        raise NotImplementedError(
-            "stage4 (preference optimisation: GRPO / DPO) is not implemented yet in nemo_pixellm; "
-            "run stages 1-3 (+stage=stage1 | stage1_5 | stage2 | stage3)"
-        )
     return cfg.stage
 
 
@@ -139,6 +135,8 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
         train_values["exit_signal"] = signal.Signals[train_values["exit_signal"]]
     train = TrainingConfig(**train_values)
     dataset.global_batch_size = train.global_batch_size
+    if stage.name == "stage4":
+        check_stage4(stage, train, model, dataset)
     decay = sections["scheduler"].get("lr_decay_iters")
     if decay is not None and train.train_iters > decay:
         print(f"note: the learning rate reaches optimizer.min_lr at step {decay} (scheduler.lr_decay_iters) and "

@@ -15,14 +15,22 @@ from megatron.bridge.training.callbacks import Callback
 from nemo_pixellm.training.run_state import finished_step
 
 
-def _rank() -> int:
+def global_rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _name(name: str) -> str:
+def unwrapped_name(name: str) -> str:
     while name.startswith("module."):  # DDP / Float16Module wrappers
         name = name[len("module."):]
     return name
+
+
+def save_aside(tensors: dict, path: Path) -> None:
+    """torch.save written aside and renamed: a kill leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(path.name + ".tmp")
+    torch.save(tensors, aside)
+    os.replace(aside, path)
 
 
 def ema_file(iteration_dir: Path, rank: int) -> Path:
@@ -30,7 +38,7 @@ def ema_file(iteration_dir: Path, rank: int) -> Path:
 
 
 def trainable_parameters(model_chunks) -> dict[str, torch.nn.Parameter]:
-    return {_name(n): p for chunk in model_chunks for n, p in chunk.named_parameters() if p.requires_grad}
+    return {unwrapped_name(n): p for chunk in model_chunks for n, p in chunk.named_parameters() if p.requires_grad}
 
 
 class EMACallback(Callback):
@@ -43,7 +51,7 @@ class EMACallback(Callback):
     def on_train_start(self, context) -> None:
         params = trainable_parameters(context.model)
         load_dir, step = context.state.cfg.checkpoint.load, context.state.train_state.step
-        saved = ema_file(Path(load_dir) / f"iter_{step:07d}", _rank()) if load_dir and step > 0 else None
+        saved = ema_file(Path(load_dir) / f"iter_{step:07d}", global_rank()) if load_dir and step > 0 else None
         if saved is not None and saved.is_file():
             self.shadow = torch.load(saved, weights_only=True)
             if set(self.shadow) != set(params):
@@ -62,11 +70,8 @@ class EMACallback(Callback):
 
     def on_checkpoint_save(self, context) -> None:
         save, step = context.state.cfg.checkpoint.save, context.state.train_state.step
-        path = ema_file(Path(save) / f"iter_{step:07d}", _rank())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        aside = path.with_name(path.name + ".tmp")  # written aside and renamed: a kill leaves no half file
-        torch.save(self.shadow, aside)
-        os.replace(aside, path)
+        path = ema_file(Path(save) / f"iter_{step:07d}", global_rank())
+        save_aside(self.shadow, path)
 
 
 def load_ema_into(model: torch.nn.Module, iteration_dir) -> bool:
@@ -75,7 +80,7 @@ def load_ema_into(model: torch.nn.Module, iteration_dir) -> bool:
     if not path.is_file():
         return False
     shadow = torch.load(path, weights_only=True)
-    params = {_name(n): p for n, p in model.named_parameters()}
+    params = {unwrapped_name(n): p for n, p in model.named_parameters()}
     missing = set(shadow) - set(params)
     if missing:
         raise KeyError(f"{path} has EMA for parameters the model lacks: {sorted(missing)[:3]}")

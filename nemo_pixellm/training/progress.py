@@ -54,12 +54,13 @@ class ProgressCallback(Callback):
             print(f"[pixellm] step {step}: skipped {len(skipped)} bad record(s), {self.skipped_total} since start: "
                   f"{reasons}", flush=True)
         loss = float(context.loss_dict.get("lm loss", float("nan")))
+        extras = {k: float(v) for k, v in context.loss_dict.items() if k != "lm loss"}  # stage 4's reward, KL, ...
         lr = context.optimizer.param_groups[0]["lr"] if context.optimizer is not None else float("nan")
         if self.metrics_file is not None:
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
             with self.metrics_file.open("a") as f:
                 row = {"step": step, "loss": loss, "lr": lr, "time": time.time(), "samples": keys,
-                       "skipped": skipped}
+                       "skipped": skipped, **extras}
                 f.write(json.dumps(row) + "\n")
         if step % cfg.logger.log_interval and step != cfg.train.train_iters:
             return
@@ -67,8 +68,9 @@ class ProgressCallback(Callback):
         done = max(step - self._step0, 1)
         tokens_per_s = done * cfg.train.global_batch_size * cfg.dataset.seq_length / max(elapsed, 1e-9)
         left = (cfg.train.train_iters - step) * elapsed / done
+        shown = "".join(f" | {k} {v:.4g}" for k, v in extras.items())
         print(
-            f"[pixellm] step {step:6d}/{cfg.train.train_iters} | loss {loss:.4f} | lr {lr:.3e} | "
+            f"[pixellm] step {step:6d}/{cfg.train.train_iters} | loss {loss:.4f}{shown} | lr {lr:.3e} | "
             f"{tokens_per_s:,.0f} tokens/s | {left / 60:.1f} min left",
             flush=True,
         )
