@@ -48,15 +48,24 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metrics(run_dir)}
 
 
+def compose_cfg(overrides: list[str]):
+    """conf/ composed with ``overrides`` as ``python -m nemo_pixellm.train`` would (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
 QUICK = ["logger.log_interval=1", "validation.eval_interval=null", "dataset.num_workers=0"]
 
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(cache_dir, tmp_path_factory) -> Path:
-    """A 2-step stage-3 checkpoint.save directory of the tiny variant with tiling on (112-pixel views, up to 4
-    tiles), shared by the tests that use a trained checkpoint (export, generation). Read it, do not write it."""
+    """A 30-step stage-3 checkpoint.save directory of the tiny variant with tiling on (112-pixel views, up to 4
+    tiles), shared by the tests that use a trained checkpoint (export, generation, stage 4: at 30 steps its
+    answers end within a few tokens, which gives GRPO's format reward variance). Read it, do not write it."""
     root = tmp_path_factory.mktemp("trained")
-    run_train(["+stage=stage3", *QUICK, "train.train_iters=2", "dataset.image_size=112", "dataset.max_tiles=4",
+    run_train(["+stage=stage3", *QUICK, "train.train_iters=30", "dataset.image_size=112", "dataset.max_tiles=4",
                f"checkpoint.save={root / 'checkpoints'}", f"run_dir={root / 'run'}"], cache_dir)
     return root / "checkpoints"
 

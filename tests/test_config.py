@@ -1,17 +1,11 @@
 """Config composition and the errors a user gets before any training starts."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from nemo_pixellm.training.config import CONF_DIR, build_config
+from nemo_pixellm.training.config import build_config
 from nemo_pixellm.training.validate import ConfigError
 
-from conftest import run_train
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+from conftest import compose_cfg, run_train
 
 
 @pytest.fixture(autouse=True)
@@ -80,11 +74,9 @@ def test_config_errors_name_the_fix(overrides, world_size, message):
         build_config(compose_cfg(["+stage=stage2", *overrides]), world_size=world_size)
 
 
-def test_missing_stage_and_stage4():
+def test_missing_stage():
     with pytest.raises(ConfigError, match=r"no stage selected: add \+stage="):
         build_config(compose_cfg([]), world_size=1)
-    with pytest.raises(NotImplementedError, match="stage4 .* not implemented"):
-        build_config(compose_cfg(["+stage=stage4"]), world_size=1)
 
 
 def write_bad_config_dirs(root):

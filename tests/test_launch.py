@@ -6,12 +6,11 @@ import signal
 import subprocess
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from conftest import ROOT
+from conftest import ROOT, compose_cfg
 from nemo_pixellm import launch
 from nemo_pixellm.info import count_parameters, meta_model
-from nemo_pixellm.training.config import CONF_DIR, build_config
+from nemo_pixellm.training.config import build_config
 from nemo_pixellm.training.memory import GIB, estimate_memory, parameter_groups, unsharded
 from nemo_pixellm.training.validate import ConfigError
 
@@ -45,11 +44,6 @@ def launch_error(argv, capsys) -> str:
         launch.main([*argv, "--dry-run"])
     assert exit_.value.code == 2
     return capsys.readouterr().err
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name="config", overrides=overrides)
 
 
 def bash_syntax_ok(script: str) -> None:

@@ -1,0 +1,204 @@
+"""Stage 4 end to end: rollouts' log-probs equal the training forward's, GRPO from a stage-3 checkpoint logs
+its figures, keeps the router and the reference bit-identical, resumes exactly and gives the same step on
+2 processes (DP=2 with EP=2) as on one; DPO starts at ln 2 and reports held-out preference accuracy; bad
+stage-4 settings are refused before anything is built. The loss formulas themselves: test_preference_losses.py."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from nemo_pixellm.generate import generate
+from nemo_pixellm.preference.grpo import answer_logprobs
+from nemo_pixellm.preference.rollouts import rollout_batch
+
+from conftest import QUICK, TINY_LM, TINY_VISION_56, build_pixellm, compose_cfg, metrics, run_train
+from test_generate import _prompts
+
+GRPO_METRICS = ("reward", "kl", "clip_fraction", "ratio", "groups_with_signal", "answer_tokens", "entropy",
+                "logprob_gap")
+
+
+def test_rollout_logprobs_equal_the_training_forward(megatron_single_process):
+    """Sampled answers (temperature 1, MLA latent cache, one stream per row) scored by the decoder and by the
+    training forward on the laid-out rows: the same log-probs within 1e-5 (fp32)."""
+    model = build_pixellm(megatron_single_process, **TINY_LM, **TINY_VISION_56, vocab_size=256, seq_length=64,
+                          image_token_id=5, seed=11)
+    prompts = _prompts(torch.Generator().manual_seed(4)) * 2
+    seeds = [101, 102, 103, 104, 105, 106]
+    scores: list[torch.Tensor] = []
+    said = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=6, temperature=1.0, seed=seeds, scores=scores)
+    assert said[0] != said[3]  # same prompt, own stream: different answers
+    alone = generate(model, [prompts[4]], eos_id=1, pad_id=0, max_new_tokens=6, temperature=1.0, seed=[seeds[4]])
+    assert alone == [said[4]]  # a row's answer does not depend on the rows it is decoded with
+    answers = [out + [1] * (len(out) < 6) for out in said]
+    batch = rollout_batch(prompts, answers, 64, pad_id=0)
+    with torch.no_grad():
+        trained = -model(batch["tokens"], batch["position_ids"], labels=batch["labels"], images=batch["images"],
+                         image_grids=batch["image_grids"])
+    gaps = []
+    for row, decoded in enumerate(answer_logprobs(scores, answers)):
+        start = len(prompts[row].tokens) - 1
+        assert batch["loss_mask"][row].sum() == len(decoded)
+        gaps.append((trained[row, start:start + len(decoded)] - decoded).abs().max())
+    print(f"rollout vs training forward log-prob gap: max {max(gaps):.2e}")
+    assert max(gaps) <= 1e-5
+
+
+def checkpoint_at(save_dir: Path, iteration: int, tmp_path: Path) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"{save_dir.parent.name}-{save_dir.name}-{iteration}.pt"
+    dcp_to_torch_save(save_dir / f"iter_{iteration:07d}", out)
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
+
+
+def latest(save_dir: Path) -> int:
+    return int((save_dir / "latest_checkpointed_iteration.txt").read_text())
+
+
+# Large plain-SGD steps (as test_parallel.py): each update is lr x gradient, so equal runs mean equal gradients.
+# Four questions x 4 answers per step; half the reward for ending the answer gives an untrained policy signal.
+GRPO = ["+stage=stage4", *QUICK, "stage.generations=4", "train.global_batch_size=16", "train.micro_batch_size=8",
+        "stage.format_reward=0.5", "stage.max_new_tokens=4", "optimizer.optimizer=sgd", "optimizer.lr=0.5",
+        "optimizer.min_lr=0.5", "+optimizer.sgd_momentum=0", "optimizer.weight_decay=0", "scheduler.lr_warmup_iters=0",
+        "optimizer.clip_grad=0",
+        "dataset.image_size=112",
+        "dataset.max_tiles=4"]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(trained_checkpoint, cache_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("grpo")
+    run_train([*GRPO, f"stage.init_from={trained_checkpoint}", "train.train_iters=2", "checkpoint.save_interval=1",
+               f"checkpoint.save={root / 'checkpoints'}", f"run_dir={root / 'run'}"], cache_dir)
+    return root
+
+
+@pytest.mark.slow
+def test_grpo_logs_its_figures_and_keeps_frozen_state(grpo_run, trained_checkpoint, tmp_path):
+    rows = metrics(grpo_run / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        print({k: round(row[k], 6) for k in ("loss", *GRPO_METRICS)})
+        assert all(math.isfinite(row[k]) for k in GRPO_METRICS)
+        assert row["logprob_gap"] <= 1e-5 and row["ratio"] == pytest.approx(1.0, abs=1e-6)
+        assert 0 < row["groups_with_signal"] <= 1 and 1 <= row["answer_tokens"] <= 5 and row["entropy"] > 0
+        assert len(row["samples"]) == 4  # one key per question
+    assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0  # the policy left the reference after the first update
+    assert list((grpo_run / "run" / "tensorboard").glob("events.*"))
+
+    before = checkpoint_at(trained_checkpoint, latest(trained_checkpoint), tmp_path)
+    after = checkpoint_at(grpo_run / "checkpoints", 2, tmp_path)
+    frozen = [n for n in before if "router" in n]
+    assert any(n.endswith("expert_bias") for n in frozen) and any(n.endswith("router.weight") for n in frozen)
+    for name in frozen:
+        assert torch.equal(after[name], before[name]), name
+    moved = [n for n in before if n not in frozen and not torch.equal(after[n], before[n])]
+    assert len(moved) > 10  # the policy itself trained
+
+    # The reference file holds module parameter names: compare with the stage-3 checkpoint loaded by Bridge.
+    from nemo_pixellm.evaluate import load
+
+    stage3 = dict(load(str(trained_checkpoint))[0].named_parameters())
+    reference = torch.load(grpo_run / "checkpoints" / "reference" / "rank00000.pt", weights_only=True)
+    assert len(reference) == len(stage3) - sum("router" in n for n in stage3) > 50  # every trainable tensor
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, stage3[name]), name  # the stage-3 weights, bit for bit
+
+
+@pytest.mark.slow
+def test_grpo_resumes_exactly(grpo_run, trained_checkpoint, cache_dir, tmp_path):
+    """Step 2 again from the step-1 checkpoint: the same questions, answers (sampling streams are a function
+    of seed and group), reference and update. Plain SGD has no optimizer state, and Megatron cannot reload
+    its (empty) one, so the resume skips it; optimizer-state resume is test_reliability.py's."""
+    run_train([*GRPO, f"stage.init_from={trained_checkpoint}", "train.train_iters=2",
+               f"checkpoint.load={grpo_run / 'checkpoints'}", "+checkpoint.ckpt_step=1", "+checkpoint.load_optim=false",
+               f"checkpoint.save={tmp_path / 'checkpoints'}", f"run_dir={tmp_path / 'run'}"], cache_dir)
+    resumed, straight = metrics(tmp_path / "run"), metrics(grpo_run / "run")
+    assert [r["step"] for r in resumed] == [2]
+    for key in ("loss", "samples", *GRPO_METRICS):
+        assert resumed[0][key] == straight[1][key], key
+    ours, theirs = checkpoint_at(tmp_path / "checkpoints", 2, tmp_path), checkpoint_at(grpo_run / "checkpoints", 2, tmp_path)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+@pytest.mark.slow
+def test_grpo_step_on_two_processes_equals_one(grpo_run, trained_checkpoint, cache_dir, tmp_path):
+    """DP=2 with EP=2: each rank samples half of the questions (the experts split between the ranks); the
+    step's figures and the updated weights equal the 1-process step."""
+    run_train([*GRPO, f"stage.init_from={trained_checkpoint}", "train.train_iters=1",
+               "model.expert_model_parallel_size=2", f"checkpoint.save={tmp_path / 'checkpoints'}",
+               f"run_dir={tmp_path / 'run'}"], cache_dir, nproc=2)
+    two, one = metrics(tmp_path / "run")[0], metrics(grpo_run / "run")[0]
+    print(f"1 process: loss {one['loss']:.6g} reward {one['reward']:.4g} | 2 processes: loss {two['loss']:.6g} "
+          f"reward {two['reward']:.4g}")
+    assert abs(one["loss"]) > 1e-3  # the step has a gradient
+    assert sorted(two["samples"]) == sorted(one["samples"])
+    for key in ("loss", *GRPO_METRICS):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    single, parallel = checkpoint_at(grpo_run / "checkpoints", 1, tmp_path), checkpoint_at(tmp_path / "checkpoints", 1, tmp_path)
+    assert set(single) == set(parallel)
+    for name, tensor in single.items():
+        torch.testing.assert_close(parallel[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+def test_dpo_starts_at_ln2_and_reports_heldout_accuracy(trained_checkpoint, cache_dir, tmp_path):
+    proc = run_train(["+stage=stage4", "stage.algorithm=dpo", "logger.log_interval=1", "dataset.num_workers=0",
+                      "dataset.image_size=112", "dataset.max_tiles=4", f"stage.init_from={trained_checkpoint}",
+                      "train.train_iters=2", "train.global_batch_size=8", "train.micro_batch_size=8",
+                      "optimizer.lr=1e-3", "optimizer.min_lr=1e-3", "scheduler.lr_warmup_iters=0",
+                      "validation.eval_interval=2", "validation.eval_iters=1",
+                      f"checkpoint.save={tmp_path / 'checkpoints'}", f"run_dir={tmp_path / 'run'}"], cache_dir)
+    rows = metrics(tmp_path / "run")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
+    assert rows[0]["reward_margin"] == 0 and rows[0]["preference_accuracy"] == 0
+    assert rows[1]["loss"] < math.log(2)
+    assert "validation loss at iteration 2" in proc.stdout and "preference_accuracy value" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "set stage.init_from=<the stage-3 checkpoint.save directory>"),
+    (["stage.algorithm=ppo", "stage.init_from={ckpt}"], "stage.algorithm=ppo: choose one of grpo, dpo"),
+    (["stage.generations=1", "stage.init_from={ckpt}"], "stage.generations=1: GRPO compares answers"),
+    (["stage.generations=3", "stage.init_from={ckpt}"], "train.global_batch_size=32 .* multiple of stage.generations=3"),
+    (["model.pipeline_model_parallel_size=2", "stage.init_from={ckpt}"], "pipeline_model_parallel_size=1"),
+    (["model.calculate_per_token_loss=false", "stage.init_from={ckpt}"], "calculate_per_token_loss=true"),
+])
+def test_bad_stage4_settings_are_refused(overrides, message, trained_checkpoint, cache_dir, monkeypatch):
+    from nemo_pixellm.training.config import build_config
+    from nemo_pixellm.training.validate import ConfigError
+
+    monkeypatch.setenv("NEMO_PIXELLM_CACHE", str(cache_dir))
+    cfg = compose_cfg(["+stage=stage4", *(o.format(ckpt=trained_checkpoint) for o in overrides)])
+    with pytest.raises(ConfigError, match=message):
+        build_config(cfg, world_size=1)
+
+
+def test_malformed_preference_records_are_skipped_and_counted(cache_dir, tmp_path):
+    """A pair whose record lacks its rejected answer, or whose JSON is broken, is skipped for the next one and
+    reported with the pair; a shard set of such records is refused at config time."""
+    import json
+
+    from nemo_pixellm.data.samples import ShardSamples
+    from nemo_pixellm.data.shards import write_shards
+    from nemo_pixellm.data.sources import ensure_tokenizer
+    from nemo_pixellm.preference.dpo import PreferencePairs
+
+    good = {"question": "What colour is the sky?", "chosen": "blue", "rejected": "green"}
+    records = [{"__key__": "bad_json", "json": b"{"},
+               {"__key__": "no_rejected", "json": json.dumps({"question": "q", "chosen": "a"}).encode()},
+               {"__key__": "good", "json": json.dumps(good).encode()}]
+    write_shards(records, tmp_path / "pairs", shard_size=10)
+    tokenizer = ensure_tokenizer(cache_dir, 512, 1234)
+    pairs = PreferencePairs(ShardSamples(tmp_path / "pairs", tokenizer, "preference"), 9, 56, 64, seed=0)
+    reasons = []
+    for i in range(3):
+        item = pairs[i]
+        reasons += [r["reason"] for r in item["skipped"]]
+        assert (item["chosen"]["tokens"] != item["rejected"]["tokens"]).any()
+    assert any("malformed record" in r for r in reasons)
+    assert any("chosen, rejected" in r for r in reasons)
