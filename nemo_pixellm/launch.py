@@ -73,7 +73,8 @@ def validate(launch, plan: list[StageRun]) -> str:
         # The checkpoint a chained stage starts from does not exist until the previous job has run.
         overrides = [o for o in stage.overrides if not (stage.chained and key(o) == "stage.init_from")]
         try:
-            containers[stage.name] = build_config(_compose("config", overrides), world_size=world)
+            containers[stage.name] = build_config(_compose("config", overrides), world_size=world,
+                                                  init_from_pending=stage.chained)
         except ConfigError as err:
             raise ConfigError(f"{stage.name} on {where}: {err}") from None
     container = next(iter(containers.values()))

@@ -12,14 +12,15 @@ def beta(stage) -> float:
     return float(stage.beta) if stage.get("beta") is not None else DEFAULT_BETA[stage.algorithm]
 
 
-def check_stage4(stage, train, model, data) -> None:
-    """ConfigError naming the key to change; sets the dataset fields the algorithm reads."""
+def check_stage4(stage, train, model, data, init_from_pending: bool = False) -> None:
+    """ConfigError naming the key to change; sets the dataset fields the algorithm reads. ``init_from_pending``:
+    a chain's previous stage provides stage.init_from when it has run."""
     from nemo_pixellm.training.validate import ConfigError
 
     algorithm = stage.get("algorithm")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"stage.algorithm={algorithm}: choose one of {', '.join(ALGORITHMS)}")
-    if not stage.get("init_from"):
+    if not stage.get("init_from") and not init_from_pending:
         raise ConfigError("stage4 starts from a trained policy, which is also its reference: set "
                           "stage.init_from=<the stage-3 checkpoint.save directory>")
     if model.pipeline_model_parallel_size > 1:

@@ -89,8 +89,9 @@ def check_stage(cfg: DictConfig) -> DictConfig:
     return cfg.stage
 
 
-def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContainer:
-    """Validate the composed Hydra config and turn it into Bridge's ConfigContainer."""
+def build_config(cfg: DictConfig, world_size: int | None = None, init_from_pending: bool = False) -> ConfigContainer:
+    """Validate the composed Hydra config and turn it into Bridge's ConfigContainer. ``init_from_pending``: the
+    stage will start from the previous stage of a chain, whose checkpoint does not exist yet (launch)."""
     for key in cfg:
         if key not in TOP_LEVEL:
             close = difflib.get_close_matches(str(key), sorted(TOP_LEVEL), n=3)
@@ -136,7 +137,7 @@ def build_config(cfg: DictConfig, world_size: int | None = None) -> ConfigContai
     train = TrainingConfig(**train_values)
     dataset.global_batch_size = train.global_batch_size
     if stage.name == "stage4":
-        check_stage4(stage, train, model, dataset)
+        check_stage4(stage, train, model, dataset, init_from_pending)
     decay = sections["scheduler"].get("lr_decay_iters")
     if decay is not None and train.train_iters > decay:
         print(f"note: the learning rate reaches optimizer.min_lr at step {decay} (scheduler.lr_decay_iters) and "
