@@ -45,7 +45,8 @@ SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pu
   --python-version 3.12 --target "$SITE" --upgrade nvidia-resiliency-ext==0.6.0
 
 # 4) The project itself, editable.
-"${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
+# --use-pep517: an editable build in this environment (setup.py develop would start a pip that fetches setuptools)
+"${PIP[@]}" install --no-deps --no-build-isolation --use-pep517 -e "$ROOT"
 
 echo "$want" > "$STAMP"
 echo "[setup] done: $VENV"

@@ -45,9 +45,14 @@ def slurm():
         pytest.skip(message)
 
 
-def job(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True)
-    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+def job(job_id: str, tries: int = 5) -> dict[str, str]:
+    for attempt in range(tries):
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
+        if out.returncode == 0:
+            return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+        # scontrol can die (SIGPIPE on its controller socket) while slurmctld requeues the job: ask again
+        time.sleep(1 + attempt)
+    raise AssertionError(f"scontrol show job {job_id} failed {tries} times (rc {out.returncode}): {out.stderr.strip()}")
 
 
 def wait_for(condition, what: str, timeout: float = 300, every: float = 0.5):
