@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from nemo_pixellm.export.hf_deepseek_v3 import hf_to_megatron, megatron_to_hf, read_hf_checkpoint, write_hf_checkpoint
+from nemo_pixellm.hf.checkpoints import read_hf_checkpoint
+from nemo_pixellm.hf.deepseek_v3 import hf_to_megatron, megatron_to_hf, write_hf_checkpoint
 
 from conftest import build_pixellm
 

@@ -15,7 +15,8 @@ from nemo_pixellm.models.mla import PositionalRotary
 
 from conftest import TINY_LM, build_pixellm
 from test_hf_parity import SIZES, hf_model, pixellm_lm
-from nemo_pixellm.export.hf_deepseek_v3 import hf_to_megatron, read_hf_checkpoint
+from nemo_pixellm.hf.checkpoints import read_hf_checkpoint
+from nemo_pixellm.hf.deepseek_v3 import hf_to_megatron
 
 ROPE_DIM, SECTIONS = 64, [8, 12, 12]  # PixelLM's rope slice: 32 frequency pairs split t / h / w
 

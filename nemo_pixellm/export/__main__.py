@@ -24,8 +24,8 @@ from nemo_pixellm import compat
 compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
 
 from nemo_pixellm.data import sources
-from nemo_pixellm.export.hf_deepseek_v3 import deepseek_v3_config, write_hf_checkpoint
-from nemo_pixellm.export.hf_siglip import siglip_config, tower_to_siglip
+from nemo_pixellm.hf.deepseek_v3 import deepseek_v3_config, write_hf_checkpoint
+from nemo_pixellm.hf.siglip import siglip_config, tower_to_siglip
 
 
 @dataclass

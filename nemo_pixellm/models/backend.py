@@ -1,7 +1,7 @@
 """Backend selection: Transformer Engine modules when TE is importable, pure PyTorch otherwise.
 
 Both backends fill the same ModuleSpec slots. TE fuses the norm that precedes a linear into it (its weight
-is then ``<linear>.layer_norm_weight``); the Hugging Face name map in ``export/`` accepts both spellings.
+is then ``<linear>.layer_norm_weight``); the Hugging Face name map in ``hf/deepseek_v3.py`` accepts both spellings.
 """
 
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider

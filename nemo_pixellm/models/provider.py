@@ -13,8 +13,8 @@ from megatron.bridge.utils.instantiate_utils import register_allowed_target_pref
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_pixellm import compat
-from nemo_pixellm.export.hf_deepseek_v3 import load_hf_language_model
-from nemo_pixellm.export.hf_siglip import load_siglip_tower
+from nemo_pixellm.hf.deepseek_v3 import load_hf_language_model
+from nemo_pixellm.hf.siglip import load_siglip_tower
 from nemo_pixellm.models.pixellm import PixelLMModel
 from nemo_pixellm.models.specs import decoder_block_spec
 

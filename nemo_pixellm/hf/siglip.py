@@ -6,13 +6,12 @@ what differs is naming and Megatron's fused QKV weight, whose rows are grouped p
 SigLIP's attention-pooling head is not used (DeepSeek-VL2 takes the patch features).
 """
 
-import json
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 
-from nemo_pixellm.export.hf_deepseek_v3 import read_hf_checkpoint
+from nemo_pixellm.hf.checkpoints import read_hf_checkpoint, read_hf_config, refuse_misfit
 
 _GLOBAL_TABLE = [
     ("patch_embedding.weight", "embeddings.patch_embedding.weight"),
@@ -21,6 +20,11 @@ _GLOBAL_TABLE = [
     ("encoder.final_layernorm.weight", "post_layernorm.weight"),
     ("encoder.final_layernorm.bias", "post_layernorm.bias"),
 ]
+# What a SigLIP config.json must say for this tower (HF key -> the PixelLM key that sets it).
+_CONFIG_KEYS = {"hidden_size": "model.vision_hidden_size", "num_hidden_layers": "model.vision_num_layers",
+                "num_attention_heads": "model.vision_num_attention_heads",
+                "intermediate_size": "model.vision_ffn_hidden_size", "patch_size": "dataset.patch_size",
+                "image_size": "model.vision_image_size"}
 _LAYER_TABLE = [
     ("input_layernorm", "layer_norm1"),
     ("self_attention.linear_proj", "self_attn.out_proj"),
@@ -95,25 +99,13 @@ def _tensor_parallel_shard(param: torch.nn.Parameter, full: torch.Tensor) -> tor
 
 def load_siglip_tower(tower: torch.nn.Module, directory) -> None:
     """Load a Hugging Face SigLIP vision checkpoint directory into ``tower`` (this rank's TP shard)."""
-    directory = Path(directory)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}: model.vision_pretrained_path must be a Hugging Face "
-                                "SiglipVisionModel directory (save_pretrained output)")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = read_hf_config(directory, "model.vision_pretrained_path", "SiglipVisionModel")
     hf_config = hf_config.get("vision_config", hf_config)
     config = tower.config
-    expected = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
-                "num_attention_heads": config.num_attention_heads, "intermediate_size": config.ffn_hidden_size,
-                "patch_size": tower.patch_size, "image_size": tower.base_grid * tower.patch_size}
-    ours = {"hidden_size": "model.vision_hidden_size", "num_hidden_layers": "model.vision_num_layers",
-            "num_attention_heads": "model.vision_num_attention_heads",
-            "intermediate_size": "model.vision_ffn_hidden_size", "patch_size": "dataset.patch_size",
-            "image_size": "model.vision_image_size"}
-    mismatched = [f"{ours[k]}={v} but the checkpoint has {k}={hf_config.get(k)}"
-                  for k, v in expected.items() if hf_config.get(k) != v]
-    if mismatched:
-        raise ValueError(f"{directory} does not fit the configured tower: " + "; ".join(mismatched))
+    ours = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_attention_heads, "intermediate_size": config.ffn_hidden_size,
+            "patch_size": tower.patch_size, "image_size": tower.base_grid * tower.patch_size}
+    refuse_misfit(directory, "tower", ours, hf_config, _CONFIG_KEYS)
     state = siglip_to_tower(read_hf_checkpoint(directory), config.num_layers, config.num_attention_heads)
     params = dict(tower.named_parameters())
     with torch.no_grad():

@@ -10,7 +10,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from nemo_pixellm.hf.checkpoints import read_hf_checkpoint, read_hf_config, refuse_misfit
 
 # (Megatron names, HF name). {l} = layer, {e} = expert. The first Megatron name present is used.
 _LAYER_TABLE = [
@@ -96,17 +98,6 @@ def hf_to_megatron(hf_state_dict: dict[str, torch.Tensor], megatron_names) -> di
     }
 
 
-def read_hf_checkpoint(directory) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face safetensors checkpoint directory (on-disk names: one entry per expert)."""
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {directory}")
-    state = {}
-    for file in files:
-        state.update(load_file(file))
-    return state
-
-
 def write_hf_checkpoint(language_model_state: dict[str, torch.Tensor], hf_config, directory) -> None:
     """Export the language model as a DeepseekV3ForCausalLM checkpoint (config.json + model.safetensors)."""
     directory = Path(directory)
@@ -178,24 +169,15 @@ _CONFIG_KEYS = {
 def load_hf_language_model(language_model: torch.nn.Module, directory, config) -> None:
     """Start ``language_model`` (a 1-process PixelLM language model) from a Hugging Face DeepseekV3ForCausalLM
     directory (``model.language_pretrained_path``). A config or tensor that does not fit is refused by name."""
-    import json
-
     directory = Path(directory)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}: model.language_pretrained_path must be a Hugging Face "
-                                "DeepseekV3ForCausalLM directory (save_pretrained output)")
+    theirs = read_hf_config(directory, "model.language_pretrained_path", "DeepseekV3ForCausalLM")
     for size in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
         if getattr(config, size) != 1:
             raise ValueError(f"model.language_pretrained_path imports in one process (model.{size}="
                              f"{getattr(config, size)}): import once with the parallel sizes at 1, save, then start "
                              "the parallel run from that checkpoint (stage.init_from), which Megatron reshards")
-    theirs = json.loads(config_file.read_text())
-    ours = deepseek_v3_config(config, config.vocab_size).to_dict()
-    wrong = [f"{_CONFIG_KEYS[k]}={ours[k]} but {directory} has {k}={theirs.get(k)}"
-             for k in _CONFIG_KEYS if theirs.get(k) != ours[k]]
-    if wrong:
-        raise ValueError(f"{directory} does not fit the configured language model: " + "; ".join(wrong))
+    refuse_misfit(directory, "language model", deepseek_v3_config(config, config.vocab_size).to_dict(), theirs,
+                  _CONFIG_KEYS)
     params = {k: v for k, v in language_model.state_dict().items() if not k.endswith("._extra_state")}
     hf_state = read_hf_checkpoint(directory)
     absent = sorted({n for names in name_routes(params).values() for n in names} - set(hf_state))
