@@ -168,12 +168,15 @@ def test_dpo_starts_at_ln2_and_reports_heldout_accuracy(trained_checkpoint, cach
     (["model.pipeline_model_parallel_size=2", "stage.init_from={ckpt}"], "pipeline_model_parallel_size=1"),
     (["model.calculate_per_token_loss=false", "stage.init_from={ckpt}"], "calculate_per_token_loss=true"),
 ])
-def test_bad_stage4_settings_are_refused(overrides, message, trained_checkpoint, cache_dir, monkeypatch):
+def test_bad_stage4_settings_are_refused(overrides, message, cache_dir, tmp_path, monkeypatch):
     from nemo_pixellm.training.config import build_config
     from nemo_pixellm.training.validate import ConfigError
 
     monkeypatch.setenv("NEMO_PIXELLM_CACHE", str(cache_dir))
-    cfg = compose_cfg(["+stage=stage4", *(o.format(ckpt=trained_checkpoint) for o in overrides)])
+    checkpoint = tmp_path / "checkpoints"  # what config time checks of a checkpoint.save directory
+    checkpoint.mkdir()
+    (checkpoint / "latest_checkpointed_iteration.txt").write_text("1")
+    cfg = compose_cfg(["+stage=stage4", *(o.format(ckpt=checkpoint) for o in overrides)])
     with pytest.raises(ConfigError, match=message):
         build_config(cfg, world_size=1)
 

@@ -37,20 +37,27 @@ class GRPOSettings:
     all_steps: bool = False  # decode max_new_tokens steps whatever the answers (expert parallel)
 
 
+def _answer_log_softmax(scores: list[torch.Tensor], answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-softmax of the decoder's scores over the answers' steps, [rows, steps, vocab], and which steps each
+    row's answer holds, [rows, steps] (scores[k] is step k's [rows, vocab])."""
+    steps = max(len(answer) for answer in answers)
+    logp = F.log_softmax(torch.stack(scores[:steps], dim=1), dim=-1)
+    lengths = torch.tensor([len(answer) for answer in answers])
+    return logp, torch.arange(steps) < lengths[:, None]
+
+
 def answer_logprobs(scores: list[torch.Tensor], answers: list[list[int]]) -> list[torch.Tensor]:
     """The decoder's log-probabilities (temperature 1, no filtering) of each row's answer tokens."""
-    return [torch.stack([F.log_softmax(scores[k][row], dim=-1)[token] for k, token in enumerate(answer)])
-            for row, answer in enumerate(answers)]
+    logp, _ = _answer_log_softmax(scores, answers)
+    tokens = torch.tensor([answer + [0] * (logp.shape[1] - len(answer)) for answer in answers])
+    picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return [picked[row, :len(answer)] for row, answer in enumerate(answers)]
 
 
 def answer_entropy(scores: list[torch.Tensor], answers: list[list[int]]) -> torch.Tensor:
     """Summed entropy of the sampling distribution at each row's answer tokens."""
-    total = torch.zeros(())
-    for row, answer in enumerate(answers):
-        for k in range(len(answer)):
-            logp = F.log_softmax(scores[k][row], dim=-1)
-            total += -(logp.exp() * logp).sum()
-    return total
+    logp, held = _answer_log_softmax(scores, answers)
+    return (-(logp.exp() * logp).sum(-1) * held).sum()
 
 
 class GRPOStep:
