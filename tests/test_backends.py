@@ -58,3 +58,33 @@ def test_local_checkpoint_uses_transformer_engine_names(megatron_single_process,
     for (name, p), (_, q) in zip(model.state_dict().items(), restored.state_dict().items()):
         if isinstance(p, torch.Tensor):
             torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+def test_grouped_experts_equal_megatron_sequential_mlp(megatron_single_process):
+    """The local backend's grouped-GEMM experts compute Megatron's SequentialMLP loop exactly: outputs, input
+    gradients and every expert weight's gradient, with experts that get no token; the no-autograd path too."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from nemo_pixellm.models.grouped_experts import GroupedLocalExperts
+
+    model = tiny_model(megatron_single_process, seed=3)
+    experts = model.language_model.decoder.layers[1].mlp.experts
+    assert isinstance(experts, GroupedLocalExperts)
+    generator = torch.Generator().manual_seed(0)
+    for counts in ([3, 0, 5, 1, 0, 2, 4, 1], [0] * 8, [16, 0, 0, 0, 0, 0, 0, 0]):
+        tokens = torch.tensor(counts)
+        hidden = torch.randn(sum(counts), TINY_LM["hidden_size"], generator=generator)
+        probs = torch.rand(sum(counts), generator=generator)
+        upstream = torch.randn(sum(counts), TINY_LM["hidden_size"], generator=generator)
+        results = []
+        for forward in (GroupedLocalExperts.forward, SequentialMLP.forward):
+            experts.zero_grad(set_to_none=True)
+            x, p = hidden.clone().requires_grad_(), probs.clone().requires_grad_()
+            out, _ = forward(experts, x, tokens, p)
+            (out * upstream).sum().backward()
+            with torch.no_grad():
+                no_grad_out, _ = forward(experts, hidden, tokens, probs)
+            grads = [torch.zeros_like(w) if w.grad is None else w.grad.clone() for w in experts.parameters()]
+            results.append([out.detach(), no_grad_out, x.grad, p.grad, *grads])
+        for grouped, loop in zip(*results):
+            assert torch.equal(grouped, loop)

@@ -55,8 +55,11 @@ class SDPACoreAttention(MegatronModule):
             sdpa_mask = ~attention_mask.bool()  # Megatron: True = masked out; SDPA: True = attend
         elif mask_type == AttnMaskType.causal:
             is_causal = True
+        v_dim = v.shape[-1]
+        if v_dim < q.shape[-1]:  # MLA: SDPA's fused kernels need v as wide as q/k; zero columns add nothing
+            v = F.pad(v, (0, q.shape[-1] - v_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=sdpa_mask, is_causal=is_causal,
             dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
         )
-        return out.permute(2, 0, 1, 3).reshape(seq_q, batch, heads * v.shape[-1])
+        return out[..., :v_dim].permute(2, 0, 1, 3).reshape(seq_q, batch, heads * v_dim)

@@ -18,6 +18,7 @@ For the pure-PyTorch backend its spec slots are filled as follows:
 """
 
 import contextlib
+import functools
 
 import torch
 import megatron.core.transformer.multi_latent_attention as mcore_mla
@@ -32,9 +33,10 @@ def use_local_mla_modules(attention_submodules) -> None:
     attention_submodules.linear_kv_down_proj = ReplicatedLinear
 
 
-def mrope_axis_per_column(sections: list[int], rope_dim: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def mrope_axis_per_column(sections: tuple[int, ...], rope_dim: int) -> torch.Tensor:
     """Which position axis (0 t, 1 h, 2 w) drives each column of Megatron's rope embedding
-    (cat(freqs, freqs): column c rotates frequency pair c mod rope_dim/2)."""
+    (cat(freqs, freqs): column c rotates frequency pair c mod rope_dim/2). Cached: read, never written."""
     half = rope_dim // 2
     if sum(sections) != half:
         raise ValueError(f"mrope_section {sections} must sum to the rope half-dimension {half}")
@@ -48,7 +50,7 @@ class PositionalRotary(torch.nn.Module):
     def __init__(self, base: torch.nn.Module, mrope_section: list[int] | None):
         super().__init__()
         self.base = base
-        self.mrope_section = list(mrope_section) if mrope_section else None
+        self.mrope_section = tuple(mrope_section) if mrope_section else None
         self.position_ids = None  # set by PixelMLASelfAttention for the duration of one forward
 
     def get_rotary_seq_len(self, *args, **kwargs):
@@ -60,7 +62,10 @@ class PositionalRotary(torch.nn.Module):
         positions = self.position_ids
         if positions.dim() == 2:
             positions = positions.unsqueeze(0)  # [1, b, s]
-        out = self.base(int(positions.max()) + 1, *args, **kwargs)  # one row per position value
+        # One row per position value; rows rounded up to a power of two so that decoding, one position
+        # further each step, hits Megatron's per-length cache of the table instead of rebuilding it.
+        rows = max(64, 1 << int(positions.max()).bit_length())
+        out = self.base(rows, *args, **kwargs)
         table, mscale = out if isinstance(out, tuple) else (out, None)
         emb = table[:, 0, 0, :][positions]  # [axes, b, s, dim]
         if positions.shape[0] == 3:

@@ -1,15 +1,19 @@
 """Megatron-Core layer specs for PixelLM: which module fills which slot, for both backends.
 
 - The decoder: DeepSeek-V3 layers (MLA attention + MoE with a shared expert, optional dense first
-  layers through ``moe_layer_freq``), from Megatron's GPT block spec with the backend's core attention.
+  layers through ``moe_layer_freq``), from Megatron's GPT block spec with the backend's core attention
+  (and, locally, the routed experts as grouped GEMMs: ``grouped_experts.py``).
 - The vision tower: pre-norm ViT layers (LayerNorm, bidirectional attention, GELU MLP, biases).
 """
+
+import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -17,6 +21,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from nemo_pixellm.models.backend import resolve_use_te, spec_provider
+from nemo_pixellm.models.grouped_experts import GroupedLocalExperts
 from nemo_pixellm.models.mla import PixelMLASelfAttention, use_local_mla_modules
 
 
@@ -42,6 +47,9 @@ def decoder_block_spec(config, vp_stage: int | None = None) -> TransformerBlockS
                 if hasattr(attention, slot) and getattr(attention, slot) is not IdentityOp:
                     setattr(attention, slot, norm)
             layer.submodules.sharded_state_dict_keys_map = te_checkpoint_names(sub)
+            moe = getattr(sub.mlp, "keywords", {}).get("submodules")  # partial(MoELayer, submodules=...)
+            if getattr(getattr(moe, "experts", None), "func", None) is SequentialMLP:
+                moe.experts = functools.partial(GroupedLocalExperts, *moe.experts.args, **moe.experts.keywords)
     return block
 
 

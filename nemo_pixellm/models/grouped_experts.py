@@ -1,0 +1,59 @@
+"""The routed experts of the local backend as two grouped GEMMs (torch.nn.functional.grouped_mm) instead of a
+Python loop of per-expert linears; without autograd (decoding), a loop over only the experts that got tokens.
+
+Megatron-Core groups expert GEMMs only through Transformer Engine (TEGroupedMLP); its local SequentialMLP
+runs one MLP per expert, which on a CPU costs a dozen small kernels per expert per layer. This subclass keeps
+SequentialMLP's parameters and checkpoint layout (``local_experts.<i>.linear_fc{1,2}.weight``, the same
+sharded keys), so checkpoints load either way, and computes the same per-expert math: fc1, GLU, times the
+routing probability, fc2. Configurations it does not cover (biases, expert TP > 1, FP8, TE activations,
+probabilities on the input, tensors off the CPU) take SequentialMLP's loop.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+
+class GroupedLocalExperts(SequentialMLP):
+    def _grouped_applies(self, hidden: torch.Tensor) -> bool:
+        c = self.config
+        return (hidden.device.type == "cpu" and self.num_local_experts > 1 and self.tp_group.size() == 1
+                and not (c.add_bias_linear or c.fp8 or c.fp4 or c.use_te_activation_func or c.moe_apply_probs_on_input))
+
+    def _activation(self, intermediate: torch.Tensor, probs: torch.Tensor, dtype) -> torch.Tensor:
+        """As megatron.core.transformer.mlp.MLP's unfused path: GLU (or the activation), times the probability."""
+        if self.config.gated_linear_unit:
+            gate, linear = torch.chunk(intermediate, 2, dim=-1)
+            if (clamp := self.config.activation_func_clamp_value) is not None:
+                gate, linear = gate.clamp(max=clamp), linear.clamp(min=-clamp, max=clamp)
+            intermediate = self.config.activation_func(gate) * (linear + self.config.glu_linear_offset)
+        else:
+            intermediate = self.config.activation_func(intermediate)
+        return (intermediate * probs.unsqueeze(-1)).to(dtype)
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        hidden, probs = permuted_local_hidden_states, permuted_probs
+        if not self._grouped_applies(hidden):
+            return super().forward(hidden, tokens_per_expert, probs)
+        if not torch.is_grad_enabled():  # decoding / evaluation: only the experts that got tokens, no weight copies
+            counts = torch.as_tensor(tokens_per_expert).tolist()
+            outputs = []
+            for expert, x, p in zip(self.local_experts, hidden.split(counts), probs.split(counts)):
+                if x.shape[0]:
+                    x = self._activation(x @ expert.linear_fc1.weight.t(), p, hidden.dtype)
+                    outputs.append(x @ expert.linear_fc2.weight.t())
+            return (torch.cat(outputs) if outputs else hidden.new_zeros(0, self.config.hidden_size)), None
+        # Training: one grouped GEMM each over the stacked weights (the stack's backward splits the gradients).
+        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2f, h]
+        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, h, f]
+        ends = torch.as_tensor(tokens_per_expert).cumsum(0).to(torch.int32)
+        intermediate = _contiguous_grad(F.grouped_mm(hidden, fc1.transpose(1, 2), offs=ends))
+        intermediate = self._activation(intermediate, probs, hidden.dtype)
+        return _contiguous_grad(F.grouped_mm(intermediate, fc2.transpose(1, 2), offs=ends)), None
+
+
+def _contiguous_grad(output: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's CPU backward refuses strided gradients (a broadcast sum's, an unpermute's)."""
+    if output.requires_grad:
+        output.register_hook(lambda grad: grad.contiguous())
+    return output
