@@ -40,25 +40,16 @@ def build_pair(name: str):
     """(plugin PixelLMModel, transformers DeepseekV3ForCausalLM) holding the same random weights."""
     from transformers import DeepseekV3ForCausalLM
 
-    from nemo_pixellm.compat import seed_model_parallel_rng, set_process_groups
-    from nemo_pixellm.distributed import single_process_groups
+    from nemo_pixellm.distributed import single_process_model
     from nemo_pixellm.hf.deepseek_v3 import deepseek_v3_config, write_hf_checkpoint
-    from nemo_pixellm.models.provider import PixelLMProvider
 
-    pg = single_process_groups()
-    seed_model_parallel_rng(0, pg)
     sizes = MODELS[name]
-    provider = PixelLMProvider(
-        **sizes, seq_length=1024, layernorm_epsilon=1e-6, rotary_base=10000, rope_type="rope",
+    plugin = single_process_model(
+        0, **sizes, seq_length=1024, layernorm_epsilon=1e-6, rotary_base=10000, rope_type="rope",
         moe_router_topk_scaling_factor=1.0, init_method_std=0.05, image_token_id=sizes["vocab_size"] - 1,
         vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
         vision_image_size=56)
-    provider.disable_cuda_fusions()
-    set_process_groups(provider, pg)
-    provider.finalize()
-    plugin = provider.provide()
-    hf_config = deepseek_v3_config(provider, sizes["vocab_size"])
-    hf_config.max_position_embeddings = 1024
+    hf_config = deepseek_v3_config(plugin.config, sizes["vocab_size"])
     with tempfile.TemporaryDirectory() as tmp:  # transformers converts the on-disk expert layout as it loads
         write_hf_checkpoint(plugin.language_model.state_dict(), hf_config, tmp)
         hf, info = DeepseekV3ForCausalLM.from_pretrained(tmp, output_loading_info=True)

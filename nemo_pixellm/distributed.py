@@ -18,3 +18,20 @@ def single_process_groups():
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def single_process_model(seed: int = 7, **provider_kwargs):
+    """A PixelLMModel from PixelLMProvider(**provider_kwargs) in this one process (CPU, unfused kernels)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    from nemo_pixellm.compat import seed_model_parallel_rng, set_process_groups
+    from nemo_pixellm.models.provider import PixelLMProvider
+
+    pg_collection = single_process_groups()
+    seed_model_parallel_rng(seed, pg_collection)
+    provider = PixelLMProvider(**provider_kwargs)
+    provider.disable_cuda_fusions()
+    set_process_groups(provider, pg_collection)
+    provider.finalize()
+    clear_aux_losses_tracker()
+    return provider.provide()

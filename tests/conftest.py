@@ -92,19 +92,11 @@ TINY_VISION_56 = dict(vision_hidden_size=32, vision_num_layers=2, vision_num_att
 
 
 def build_pixellm(pg_collection, seed: int = 7, **provider_kwargs):
-    """A PixelLMModel from PixelLMProvider on CPU with the given sizes (eval mode)."""
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    """A PixelLMModel from PixelLMProvider on CPU with the given sizes (eval mode); ``pg_collection`` (the
+    megatron_single_process fixture) only asks that the one-process groups exist, which the builder reuses."""
+    from nemo_pixellm.distributed import single_process_model
 
-    from nemo_pixellm.compat import seed_model_parallel_rng, set_process_groups
-    from nemo_pixellm.models.provider import PixelLMProvider
-
-    seed_model_parallel_rng(seed, pg_collection)
-    provider = PixelLMProvider(**provider_kwargs)
-    provider.disable_cuda_fusions()
-    set_process_groups(provider, pg_collection)
-    provider.finalize()
-    clear_aux_losses_tracker()
-    return provider.provide().eval()
+    return single_process_model(seed, **provider_kwargs).eval()
 
 
 def write_damaged_shards(out: Path, size: int = 56) -> dict[str, list[int]]:
