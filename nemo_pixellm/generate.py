@@ -1,6 +1,6 @@
 """Batched generation with a PixelLMModel: greedy or sampled (temperature, top-k, top-p), stopping at the
 end-of-turn token. With ``use_cache`` (the default) the prompt runs once and every new token attends to
-MLA's latent KV cache (``PixelMLASelfAttention.latent_cache``); without it every step reruns the whole
+MLA's latent KV cache (a ``LatentCache`` given as the model's ``inference_context``); without it every step reruns the whole
 sequence (the reference the cached path is tested against). The cache is for 1-process (TP=1) decoding.
 
 A prompt is what ``TrainingSequences`` would build for the prompt part of a sample (segments from
@@ -29,36 +29,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from nemo_pixellm import tiling
-from nemo_pixellm.data.samples import ImageSegment, Sample, TextSegment, chat_segments
-from nemo_pixellm.models.mla import LatentCache, PixelMLASelfAttention
-
-
-@dataclass
-class Prompt:
-    tokens: list[int]
-    blocks: list[tiling.Block]  # M-RoPE blocks of the prompt (tiling.mrope_positions)
-    views: torch.Tensor  # [v, 3, T, T]
-    grids: torch.Tensor  # [images, 2]
-
-
-def prompt_from_sample(sample: Sample) -> Prompt:
-    """The segments of ``sample`` up to its first loss-carrying segment (the answer)."""
-    tokens, _, blocks, views, grids = sample.flatten(sample.num_tokens, prompt_only=True)
-    tile = sample.tile or 1
-    return Prompt(tokens, blocks, torch.stack(views) if views else torch.zeros(0, 3, tile, tile),
-                  torch.tensor(grids, dtype=torch.long).view(-1, 2))
-
-
-def prompt_from_request(tokenizer, text: str, images: list[Image.Image], data_config) -> Prompt:
-    """A user turn (``text``, the images where its <image> placeholders stand, else before it) and the
-    assistant's start, laid out as the checkpoint's training data was (``data_config``: its dataset section)."""
-    tile = data_config.image_size
-    segments = [ImageSegment(tiling.image_layout(*image.size, tile=tile, patch=data_config.patch_size,
-                                                 downsample=data_config.downsample, max_tiles=data_config.max_tiles,
-                                                 images_in_sample=len(images)), tokenizer.image_id, image)
-                for image in images]
-    turn = chat_segments(tokenizer, [{"from": "human", "value": text}], segments)
-    return prompt_from_sample(Sample("request", turn + [TextSegment([tokenizer.assistant_id], False)], None, tile))
+from nemo_pixellm.models.mla import LatentCache
+from nemo_pixellm.prompts import Prompt, prompt_from_request, prompt_from_sample  # noqa: F401 (re-exported)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
@@ -75,18 +47,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-
-
-@contextlib.contextmanager
-def latent_kv_cache(model):
-    layers = [m for m in model.modules() if isinstance(m, PixelMLASelfAttention)]
-    for layer in layers:
-        layer.latent_cache = LatentCache()
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.latent_cache = None
 
 
 class _Decoder:
@@ -167,20 +127,21 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
                         for p in prompts]
     real = torch.arange(length)[None] < lengths[:, None]  # [b, slots]: cache slots holding real tokens
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    with latent_kv_cache(model):
-        mask = ~(real[:, None, None, :] & causal)  # True = masked (Megatron)
-        positions = torch.stack([ids[:, :length] for ids in prompt_positions], dim=1)
-        logits = forward(tokens, positions, attention_mask=mask, images=images, image_grids=grids)
-        next_tokens = decoder.step(logits[rows, lengths - 1])
-        for k in range(1, max_new_tokens):
-            if all(decoder.done) and not all_steps:
-                break
-            real = torch.cat([real, torch.ones(len(prompts), 1, dtype=torch.bool)], dim=1)
-            # The k-th new token of row i sits at text position (prompt end + k - 1) of that row.
-            positions = torch.stack([ids[:, int(n) + k - 1: int(n) + k] for ids, n in zip(prompt_positions, lengths)],
-                                    dim=1)
-            logits = forward(next_tokens[:, None], positions, attention_mask=~real[:, None, None, :])
-            next_tokens = decoder.step(logits[:, -1])
+    cache = LatentCache()
+    mask = ~(real[:, None, None, :] & causal)  # True = masked (Megatron)
+    positions = torch.stack([ids[:, :length] for ids in prompt_positions], dim=1)
+    logits = forward(tokens, positions, attention_mask=mask, images=images, image_grids=grids, inference_context=cache)
+    next_tokens = decoder.step(logits[rows, lengths - 1])
+    for k in range(1, max_new_tokens):
+        if all(decoder.done) and not all_steps:
+            break
+        real = torch.cat([real, torch.ones(len(prompts), 1, dtype=torch.bool)], dim=1)
+        # The k-th new token of row i sits at text position (prompt end + k - 1) of that row.
+        positions = torch.stack([ids[:, int(n) + k - 1: int(n) + k] for ids, n in zip(prompt_positions, lengths)],
+                                dim=1)
+        logits = forward(next_tokens[:, None], positions, attention_mask=~real[:, None, None, :],
+                         inference_context=cache)
+        next_tokens = decoder.step(logits[:, -1])
     return decoder.outputs
 
 

@@ -5,7 +5,8 @@ Expected names: Megatron-Core's get_gpt_layer_with_transformer_engine_submodules
 q_layernorm / kv_layernorm are IdentityOp and TELayerNormColumnParallelLinear fills linear_q_up_proj /
 linear_kv_up_proj (their norm weight is ``layer_norm_weight``); a dense layer's pre_mlp_layernorm is
 IdentityOp and its linear_fc1 a TELayerNormColumnParallelLinear; an MoE layer keeps a separate TENorm;
-experts are stored as ``experts.experts.*`` by both SequentialMLP and TEGroupedMLP."""
+experts are stored as ``experts.experts.*`` by both SequentialMLP and TEGroupedMLP. On TE the plugin's layer
+builder gives Megatron's TE layer slot for slot."""
 
 import torch
 
@@ -58,6 +59,45 @@ def test_local_checkpoint_uses_transformer_engine_names(megatron_single_process,
     for (name, p), (_, q) in zip(model.state_dict().items(), restored.state_dict().items()):
         if isinstance(p, torch.Tensor):
             torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+def _slots(spec):
+    """A spec as nested plain values: partials by function and keywords, dataclasses by field."""
+    import dataclasses
+    import functools
+
+    if isinstance(spec, functools.partial):
+        return ("partial", _slots(spec.func), {k: _slots(v) for k, v in spec.keywords.items()})
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return (type(spec).__name__, {f.name: _slots(getattr(spec, f.name)) for f in dataclasses.fields(spec)})
+    if isinstance(spec, dict):
+        return {k: _slots(v) for k, v in spec.items()}
+    return spec
+
+
+def test_te_decoder_layer_is_megatron_s_te_mla_layer(monkeypatch):
+    """On Transformer Engine the plugin's layer builder gives exactly Megatron's TE MLA layer (norms fused into
+    the up projections and the dense fc1, TELinear down projections, TE attention), with only the attention
+    class changed to PixelLM's. Without TE installed Megatron binds TE's classes as distinct placeholders, so the
+    slot-by-slot comparison still tells them apart."""
+    from types import SimpleNamespace
+
+    import megatron.core.models.gpt.gpt_layer_specs as megatron_specs
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    from nemo_pixellm.models.mla import PixelMLASelfAttention
+    from nemo_pixellm.models.specs import decoder_layer_submodules
+
+    monkeypatch.setattr(megatron_specs, "TESpecProvider", TESpecProvider)  # Megatron binds None without TE
+    config = SimpleNamespace(qk_layernorm=True, num_moe_experts=8, moe_grouped_gemm=True, use_te_activation_func=False)
+    for moe in (False, True):
+        ours = decoder_layer_submodules(TESpecProvider(), config, moe)
+        megatron = megatron_specs.get_gpt_layer_with_transformer_engine_submodules(
+            num_experts=8 if moe else None, moe_grouped_gemm=moe, qk_layernorm=True, multi_latent_attention=True)
+        assert megatron.self_attention.module is not PixelMLASelfAttention
+        megatron.self_attention.module = PixelMLASelfAttention
+        assert _slots(ours) == _slots(megatron)
+        assert ours.sharded_state_dict_keys_map == {}  # TE's own names: nothing to rename
 
 
 def test_grouped_experts_equal_megatron_sequential_mlp(megatron_single_process):

@@ -84,7 +84,7 @@ def test_enable_applies_exactly_the_listed_patches():
     applied, listed, private = map(int, out.stdout.split()[-4:-1])
     assert applied == listed == len(compat.PATCHES) and private == len(compat.PRIVATE_NAMES)
     assert "[pixellm] compat: " in out.stderr and "listed in nemo_pixellm/compat" in out.stderr
-    for patch in (*compat.PATCHES, *compat.PRIVATE_NAMES):  # one line each: why, and what upstream would fix it
+    for patch in (*compat.PATCHES, *compat.PRIVATE_NAMES, *compat.SCOPED_PATCHES):  # one line each: why, and what upstream would fix it
         assert patch.why and patch.upstream and patch.when in (compat.NO_CUDA, compat.NO_TE, compat.ALWAYS)
 
 
@@ -191,13 +191,18 @@ def test_no_patch_or_private_name_outside_compat():
     from pathlib import Path
 
     package = Path(compat.__file__).parents[1]
-    private = [re.escape(p.target.rsplit(".", 1)[1]) for p in compat.PRIVATE_NAMES]
-    forbidden = re.compile("|".join([
-        r"^\s*(torch|megatron|mcore_\w+|te)\.[\w.]+\s*=[^=]",  # assigning a library's attribute
-        r"sys\.meta_path", r"warnings\.filterwarnings", r"TORCHDYNAMO",
-        *private,
-    ]), re.M)
-    hits = [f"{path.relative_to(package)}:{text[:m.start()].count(chr(10)) + 1}: {m.group(0).strip()}"
+    def forbidden(path):  # a private name listed with used_in may appear in that one file
+        private = [re.escape(p.target.rsplit(".", 1)[1]) for p in compat.PRIVATE_NAMES if p.used_in != path]
+        return re.compile("|".join([
+            r"^\s*(torch|megatron|mcore_\w+|te)\.[\w.]+\s*=[^=]",  # assigning a library's attribute
+            r"sys\.meta_path", r"warnings\.filterwarnings", r"TORCHDYNAMO",
+            *private,
+        ]), re.M)
+    hits = [f"{name}:{text[:m.start()].count(chr(10)) + 1}: {m.group(0).strip()}"
             for path in package.rglob("*.py") if "compat" not in path.parts
-            for text in [path.read_text()] for m in forbidden.finditer(text)]
+            for name in [str(path.relative_to(package))]
+            for text in [path.read_text()] for m in forbidden(name).finditer(text)]
     assert not hits, hits
+    used_in = [p.used_in for p in compat.PRIVATE_NAMES if p.used_in]
+    assert all(p.target.rsplit(".", 1)[1] in (package / p.used_in).read_text()
+               for p in compat.PRIVATE_NAMES if p.used_in), used_in  # the listed place is the real one

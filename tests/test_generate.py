@@ -6,6 +6,7 @@ import torch
 
 from nemo_pixellm import tiling
 from nemo_pixellm.generate import Prompt, generate, sample_next
+from nemo_pixellm.models.mla import LatentCache, PixelMLASelfAttention
 
 from conftest import TINY_LM, TINY_VISION_56, build_pixellm
 
@@ -57,8 +58,15 @@ def test_latent_cache_decoding_equals_full_recompute(model):
         for step, (c, f) in enumerate(zip(cached_scores, full_scores)):
             active = [i for i, out in enumerate(full) if step <= len(out)]  # rows that had not ended yet
             torch.testing.assert_close(c[active], f[active], rtol=1e-5, atol=1e-5)
-    layers = [m for m in model.modules() if hasattr(m, "latent_cache")]
-    assert layers and all(m.latent_cache is None for m in layers)  # the cache lives only during generate()
+    # The cache is the forward's inference_context (an argument): one entry per MLA layer, one slot per token.
+    cache, prompt = LatentCache(), prompts[0]
+    positions = tiling.mrope_positions(prompt.blocks)[:, None]
+    with torch.no_grad():
+        model(torch.tensor([prompt.tokens]), positions, images=prompt.views, image_grids=prompt.grids,
+              inference_context=cache)
+    attentions = [m for m in model.modules() if isinstance(m, PixelMLASelfAttention)]
+    assert sorted(cache.layers) == sorted(m.layer_number for m in attentions) and attentions
+    assert all(latent.shape == (len(prompt.tokens), 1, model.config.kv_lora_rank) for latent, _ in cache.layers.values())
 
 
 def test_never_emits_the_image_placeholder(model):

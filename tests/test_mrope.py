@@ -2,8 +2,6 @@
 ids reduce exactly to 1D RoPE, explicit positions are honoured (HF DeepseekV3 parity at shifted ids), and
 image-like ids change the model's output."""
 
-import contextlib
-
 import pytest
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
@@ -11,7 +9,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from transformers import Qwen2VLTextConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_multimodal_rotary_pos_emb
 
-from nemo_pixellm.models.mla import PositionalRotary
+from nemo_pixellm.models.mla import RopeTable
 
 from conftest import TINY_LM, build_pixellm
 from test_hf_parity import SIZES, hf_model, pixellm_lm
@@ -37,9 +35,8 @@ def image_ids(batch: int, seq: int, generator) -> torch.Tensor:
 def test_rotation_matches_qwen2_vl():
     g = torch.Generator().manual_seed(0)
     ids = image_ids(2, 40, g)
-    rotary = PositionalRotary(RotaryEmbedding(kv_channels=ROPE_DIM, rotary_percent=1.0, rotary_base=10000), SECTIONS)
-    rotary.position_ids = ids
-    emb = rotary(40)  # [s, b, 1, dim]
+    table = RopeTable(RotaryEmbedding(kv_channels=ROPE_DIM, rotary_percent=1.0, rotary_base=10000), SECTIONS)
+    emb = table(ids)  # [s, b, 1, dim]
     q = torch.randn(2, 3, 40, ROPE_DIM, generator=g)  # HF layout [b, heads, s, d]
     config = Qwen2VLTextConfig(hidden_size=ROPE_DIM * 3, num_attention_heads=3, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "mrope_section": SECTIONS})
@@ -69,6 +66,31 @@ def test_text_only_ids_are_1d_rope(mrope_model):
     assert (image - default).abs().max() > 1e-4  # image-grid ids do change attention
 
 
+def test_positions_reach_mla_as_arguments(mrope_model):
+    """Bridge built the explicit-position GPTModel (compat's scoped class swap, released after provide), whose
+    MLA layers get the rope table of the given ids: [3, b, s] image ids through the model equal the same
+    ids' table handed to every attention by hand."""
+    from megatron.bridge.models import gpt_provider
+    from megatron.core.models.gpt import GPTModel
+
+    from nemo_pixellm.models.language_model import PixelGPTModel
+
+    lm = mrope_model.language_model
+    assert type(lm) is PixelGPTModel and gpt_provider.MCoreGPTModel is GPTModel
+    ids = image_ids(2, 64, torch.Generator().manual_seed(5))
+    captured = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kwargs: captured.append(kwargs["rotary_pos_emb"]),
+                                         with_kwargs=True)
+             for m in lm.modules() if type(m).__name__ == "PixelMLASelfAttention"]
+    with torch.no_grad():
+        mrope_model(torch.randint(10, 256, (2, 64)), ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(captured) == 2 and all(t is captured[0] for t in captured)  # one table per forward, every layer
+    torch.testing.assert_close(captured[0], lm.rope_table(ids), rtol=0, atol=0)
+    assert captured[0].shape == (64, 2, 1, 16)
+
+
 def test_explicit_positions_match_hf(megatron_single_process, tmp_path):
     """Non-contiguous 1D ids through the plugin's positions path equal HF DeepseekV3 given the same ids."""
     hf = hf_model(None)
@@ -78,14 +100,9 @@ def test_explicit_positions_match_hf(megatron_single_process, tmp_path):
     ids = torch.randint(0, SIZES["vocab"] - 1, (2, 32), generator=torch.Generator().manual_seed(4))
     positions = torch.arange(32).expand(2, -1) + torch.tensor([[7], [40]])
     positions = positions + (torch.arange(32) >= 16) * torch.tensor([[9], [30]])  # a gap: relative positions change
-    attentions = [m for m in lm.modules() if hasattr(m, "positions")]
-    assert len(attentions) == SIZES["layers"]
     with torch.no_grad():
         expected = hf(input_ids=ids, position_ids=positions).logits
-        with contextlib.ExitStack() as stack:
-            for attention in attentions:
-                stack.enter_context(attention.positions(positions))
-            got = lm(input_ids=ids, position_ids=positions, attention_mask=None)
+        got = lm(input_ids=ids, position_ids=positions, attention_mask=None)
         unshifted = lm(input_ids=ids, position_ids=None, attention_mask=None)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert (unshifted - expected).abs().max() > 1e-4  # the gap matters, so the ids were used

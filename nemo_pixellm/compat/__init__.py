@@ -16,6 +16,7 @@ rather than at each call site), the no-Transformer-Engine items when TE is absen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Patch:
     when: str
     why: str
     upstream: str  # the upstream change that would make it unnecessary
+    used_in: str = ""  # a private name used outside compat/: the one file that uses it (nemo_pixellm/...)
 
 
 _FACTORY_WHY = "Megatron's optimizer, clip_grads, schedules and Bridge's initialize create tensors with device='cuda'"
@@ -108,9 +110,20 @@ PRIVATE_NAMES: tuple[Patch, ...] = (
     Patch("megatron.bridge.models.model_provider.ModelProviderMixin._pg_collection", ALWAYS,
           "a provider built outside Bridge's setup (info, evaluate, tests) needs its process groups",
           "Bridge: a public pg_collection argument of provide() / finalize()"),
+    Patch("megatron.core.models.gpt.gpt_model.GPTModel._preprocess", ALWAYS,
+          "PixelGPTModel extends the step that turns position ids into the layers' rotary input, for MLA",
+          "Megatron: GPTModel builds MLA's table from position_ids (docs/upstream/mla-position-ids.md)",
+          used_in="models/language_model.py"),
     Patch("torch.utils._device._device_constructors", NO_CUDA,
           "`with torch.device(...)` recognises factories by identity in this cached set: fill it before wrapping them",
           "torch: none needed once no factory is wrapped"),
+)
+
+# Patches held only while one call runs (not applied by enable()).
+SCOPED_PATCHES: tuple[Patch, ...] = (
+    Patch("megatron.bridge.models.gpt_provider.MCoreGPTModel", ALWAYS,
+          "GPTModelProvider.provide builds this class by name: PixelLMProvider.provide has it build PixelGPTModel",
+          "Bridge: a model-class field on GPTModelProvider (docs/upstream/bridge-gpt-model-class.md)"),
 )
 
 _ENABLED = False
@@ -178,6 +191,19 @@ def set_process_groups(provider, pg_collection) -> None:
 
 def process_groups(provider):
     return getattr(provider, "_pg_collection", None)
+
+
+@contextlib.contextmanager
+def gpt_model_class(cls):
+    """Bridge's GPTModelProvider.provide builds ``cls`` (a GPTModel subclass) while this is held."""
+    from megatron.bridge.models import gpt_provider
+
+    bridge_class = gpt_provider.MCoreGPTModel
+    gpt_provider.MCoreGPTModel = cls
+    try:
+        yield
+    finally:
+        gpt_provider.MCoreGPTModel = bridge_class
 
 
 def seed_model_parallel_rng(seed: int, pg_collection) -> None:

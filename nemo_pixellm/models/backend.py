@@ -6,8 +6,15 @@ is then ``<linear>.layer_norm_weight``); the Hugging Face name map in ``hf/deeps
 
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 
+from functools import partial
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+
 from nemo_pixellm.models.core_attention import SDPACoreAttention
+from nemo_pixellm.models.grouped_experts import GroupedLocalExperts
 from nemo_pixellm.models.norms import TorchNorm
+from nemo_pixellm.models.replicated_linear import ReplicatedLinear
 
 try:
     import transformer_engine  # noqa: F401
@@ -19,8 +26,16 @@ except ImportError:
 
 
 class TorchSpecProvider(LocalSpecProvider):
-    """Megatron's local modules, with core attention over torch SDPA (MLA needs k/v channels) and
-    norms that accept sequence parallelism (MoE with TP needs it)."""
+    """Megatron's local modules, with core attention over torch SDPA (MLA needs k/v channels), norms that
+    accept sequence parallelism (MoE with TP needs it), a TP-replicated linear (TE's ``linear()``; Megatron's
+    local provider has none) and the routed experts as grouped GEMMs."""
+
+    def linear(self) -> type:
+        return ReplicatedLinear
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool):
+        return partial(GroupedLocalExperts, submodules=MLPSubmodules(
+            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear, activation_func=self.activation_func()))
 
     def core_attention(self) -> type:
         return SDPACoreAttention

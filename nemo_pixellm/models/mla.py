@@ -1,13 +1,19 @@
 """Multi-head Latent Attention (DeepSeek-V3) on Megatron-Core, with explicit and multimodal positions.
 
 Megatron's MLASelfAttention does the attention math (q/kv low-rank paths with their norms, rope on the
-decoupled slice, YaRN). It always uses positions 0..s-1 and refuses M-RoPE; ``PixelMLASelfAttention``
-gives its rope slice per-token position ids instead: [b, s] (1D) or [3, b, s] (Qwen2-VL M-RoPE:
-temporal / height / width ids, each driving one section of the frequency pairs, ``config.mrope_section``).
-The frequencies themselves still come from Megatron's rotary module (RoPE or YaRN, with its mscale), so
-text-only ids (t = h = w = index) reduce exactly to 1D RoPE.
+decoupled slice, YaRN). It always uses positions 0..s-1 and refuses M-RoPE. Here positions are arguments:
 
-For the pure-PyTorch backend its spec slots are filled as follows:
+- ``PixelGPTModel`` (Megatron's GPTModel) turns the ``position_ids`` it is given, [b, s] (1D) or [3, b, s]
+  (Qwen2-VL M-RoPE: temporal / height / width ids, each driving one section of the frequency pairs,
+  ``config.mrope_section``), into one per-token rope table (``RopeTable``) per forward, and hands it to every
+  layer as ``rotary_pos_emb``, as Megatron does for standard attention's M-RoPE.
+- ``PixelMLASelfAttention`` takes that table, and a ``LatentCache`` given as the forward's
+  ``inference_context`` (Megatron's channel for decoding caches), as arguments.
+
+The frequencies still come from Megatron's rotary module (RoPE or YaRN, with its mscale), so text-only ids
+(t = h = w = index) reduce exactly to 1D RoPE.
+
+For the pure-PyTorch backend (``models/backend.py``: TorchSpecProvider):
 
 - The down projections (hidden -> q_lora, hidden -> kv_lora + rope) are *replicated* across tensor-parallel
   ranks, as in TE's spec ("duplicated" TELinear). Megatron's local spec makes them column-parallel, and
@@ -18,107 +24,148 @@ For the pure-PyTorch backend its spec slots are filled as follows:
 """
 
 import contextlib
-import functools
+from dataclasses import dataclass
 
 import torch
 import megatron.core.transformer.multi_latent_attention as mcore_mla
+from megatron.core.inference.config import InferenceConfig
+from megatron.core.inference.contexts.base_context import BaseInferenceContext
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
-from nemo_pixellm.models.replicated_linear import ReplicatedLinear
-
-
-def use_local_mla_modules(attention_submodules) -> None:
-    """Fill an MLASelfAttentionSubmodules for the local backend (replicated down projections; MLASelfAttention
-    takes them once nemo_pixellm.compat has bound its ``Linear`` name, which Megatron binds only with TE)."""
-    attention_submodules.linear_q_down_proj = ReplicatedLinear
-    attention_submodules.linear_kv_down_proj = ReplicatedLinear
+from nemo_pixellm.tiling import mrope_axis_per_column
 
 
-@functools.lru_cache(maxsize=8)
-def mrope_axis_per_column(sections: tuple[int, ...], rope_dim: int) -> torch.Tensor:
-    """Which position axis (0 t, 1 h, 2 w) drives each column of Megatron's rope embedding
-    (cat(freqs, freqs): column c rotates frequency pair c mod rope_dim/2). Cached: read, never written."""
-    half = rope_dim // 2
-    if sum(sections) != half:
-        raise ValueError(f"mrope_section {sections} must sum to the rope half-dimension {half}")
-    axis = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
-    return torch.cat([axis, axis])
+def mla_rotary(config, cp_group=None) -> torch.nn.Module:
+    """The rotary module MLASelfAttention builds for itself (RoPE or YaRN on the decoupled rope slice)."""
+    if config.rope_type == "yarn":
+        return YarnRotaryEmbedding(
+            config.qk_pos_emb_head_dim, rotary_base=config.rotary_base, scaling_factor=config.rotary_scaling_factor,
+            original_max_position_embeddings=config.original_max_position_embeddings, beta_fast=config.beta_fast,
+            beta_slow=config.beta_slow, mscale=config.mscale, mscale_all_dim=config.mscale_all_dim, cp_group=cp_group)
+    return RotaryEmbedding(config.qk_pos_emb_head_dim, rotary_percent=config.rotary_percent,
+                           rotary_base=config.rotary_base, cp_group=cp_group)
 
 
-class PositionalRotary(torch.nn.Module):
-    """Megatron's rotary module, evaluated at explicit position ids when they are set."""
+class RopeTable(torch.nn.Module):
+    """Position ids [b, s] or [3, b, s] -> the per-token rope table [s, b, 1, rope_dim] of Megatron's rotary
+    module ``base`` (M-RoPE: each column from the axis its frequency pair belongs to)."""
 
     def __init__(self, base: torch.nn.Module, mrope_section: list[int] | None):
         super().__init__()
         self.base = base
         self.mrope_section = tuple(mrope_section) if mrope_section else None
-        self.position_ids = None  # set by PixelMLASelfAttention for the duration of one forward
 
-    def get_rotary_seq_len(self, *args, **kwargs):
-        return self.base.get_rotary_seq_len(*args, **kwargs)
-
-    def forward(self, seq_len: int, *args, **kwargs):
-        if self.position_ids is None:
-            return self.base(seq_len, *args, **kwargs)
-        positions = self.position_ids
-        if positions.dim() == 2:
-            positions = positions.unsqueeze(0)  # [1, b, s]
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        positions = position_ids.unsqueeze(0) if position_ids.dim() == 2 else position_ids  # [axes, b, s]
         # One row per position value; rows rounded up to a power of two so that decoding, one position
         # further each step, hits Megatron's per-length cache of the table instead of rebuilding it.
         rows = max(64, 1 << int(positions.max()).bit_length())
-        out = self.base(rows, *args, **kwargs)
-        table, mscale = out if isinstance(out, tuple) else (out, None)
+        out = self.base(rows)
+        table = out[0] if isinstance(out, tuple) else out  # YaRN also returns its mscale
         emb = table[:, 0, 0, :][positions]  # [axes, b, s, dim]
         if positions.shape[0] == 3:
             if self.mrope_section is None:
                 raise ValueError("position ids are [3, b, s] (M-RoPE) but model.mrope_section is not set")
             axis = mrope_axis_per_column(self.mrope_section, emb.shape[-1]).to(emb.device)
             emb = emb.gather(0, axis.view(1, 1, 1, -1).expand(1, *emb.shape[1:]))
-        emb = emb[0].transpose(0, 1).unsqueeze(2).contiguous()  # [s, b, 1, dim]
-        return (emb, mscale) if mscale is not None else emb
+        return emb[0].transpose(0, 1).unsqueeze(2).contiguous()  # [s, b, 1, dim]
 
 
-class LatentCache:
-    """MLA's decoding cache: per token only the normalised KV latent c_kv [kv_lora_rank] and the rotated
-    shared rope key [rope_dim]; keys and values of every head are re-expanded from it at each step."""
+class _GivenTable(torch.nn.Module):
+    """MLASelfAttention's rotary module, answering with the table handed to this attention call.
+
+    Megatron's MLA computes its table inside get_query_key_value_tensors from a length only; this is the one
+    place the given table enters it (removed by docs/upstream/mla-position-ids.md)."""
+
+    def __init__(self, base: torch.nn.Module):
+        super().__init__()
+        self.base = base
+        self.table = None
+
+    def get_rotary_seq_len(self, *args, **kwargs):
+        return self.base.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, seq_len: int, *args, **kwargs):
+        out = self.base(seq_len if self.table is None else 1, *args, **kwargs)
+        if self.table is None:
+            return out
+        return (self.table, out[1]) if isinstance(out, tuple) else self.table  # YaRN: with its mscale
+
+    @contextlib.contextmanager
+    def given(self, table: torch.Tensor | None):
+        self.table = table
+        try:
+            yield
+        finally:
+            self.table = None
+
+
+class LatentCache(BaseInferenceContext):
+    """MLA's decoding cache, given to the model as its ``inference_context``: per layer and token only the
+    normalised KV latent c_kv [kv_lora_rank] and the rotated shared rope key [rope_dim]; keys and values of
+    every head are re-expanded from it at each step (Megatron caches MLA latents only in its GPU dynamic
+    engine). Static batching: every row holds the same number of slots (padding is masked)."""
 
     def __init__(self):
-        self.latent = self.rope_key = None  # [slots, b, kv_lora_rank], [slots, b, rope_dim]
+        super().__init__(InferenceConfig(materialize_only_last_token_logits=False))
+        self.sequence_len_offset = self.batch_size_offset = 0
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def append(self, latent: torch.Tensor, rope_key: torch.Tensor):
-        if self.latent is None:
-            self.latent, self.rope_key = latent, rope_key
-        else:
-            self.latent = torch.cat([self.latent, latent])
-            self.rope_key = torch.cat([self.rope_key, rope_key])
-        return self.latent, self.rope_key
+    def is_static_batching(self) -> bool:
+        return True
+
+    def is_decode_only(self) -> bool:
+        return bool(self.layers)
+
+    def append(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor):
+        """Add this step's [new, b, kv_lora_rank] latents and [new, b, rope_dim] rope keys; all of the layer's."""
+        if layer in self.layers:
+            old_latent, old_rope_key = self.layers[layer]
+            latent, rope_key = torch.cat([old_latent, latent]), torch.cat([old_rope_key, rope_key])
+        self.layers[layer] = latent, rope_key
+        return latent, rope_key
+
+
+@dataclass
+class _CallInputs:
+    """What PixelMLASelfAttention.forward hands its get_query_key_value_tensors (through MLA's own
+    ``position_ids`` pass-through argument, unused by Megatron)."""
+    rope_table: torch.Tensor | None
+    cache: LatentCache | None
 
 
 class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
-    """MLA whose decoupled rope slice uses the position ids given to the model (see module docstring), with
-    an optional latent KV cache for decoding (Megatron caches MLA latents only in its GPU dynamic engine)."""
+    """MLA whose decoupled rope slice uses the per-token rope table it is given (``rotary_pos_emb``, from
+    PixelGPTModel), with MLA's latent KV cache when the ``inference_context`` is a LatentCache."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.rotary_pos_emb = PositionalRotary(self.rotary_pos_emb, self.config.mrope_section)
-        self.latent_cache: LatentCache | None = None
+        if self.config.apply_rope_fusion:
+            raise ValueError("model.apply_rope_fusion=true: Megatron's fused MLA rope reads no given positions "
+                             "(explicit / M-RoPE ids would be ignored); set model.apply_rope_fusion=false")
+        self.rotary_pos_emb = _GivenTable(self.rotary_pos_emb)
 
-    def get_query_key_value_tensors(self, *args, **kwargs):
-        query, key, value, q_compressed, kv_compressed = super().get_query_key_value_tensors(*args, **kwargs)
-        if self.latent_cache is None:
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, *args, position_ids=None, **kwargs):
+        if inference_context is not None and not isinstance(inference_context, LatentCache):
+            raise NotImplementedError("PixelLM's MLA decodes with its LatentCache (nemo_pixellm.generate)")
+        inputs = _CallInputs(rotary_pos_emb, inference_context)
+        return super().forward(hidden_states, attention_mask, key_value_states, None, None, *args,
+                               position_ids=inputs, **kwargs)
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, position_ids=None, *args, **kwargs):
+        inputs = position_ids if isinstance(position_ids, _CallInputs) else _CallInputs(None, None)
+        with self.rotary_pos_emb.given(inputs.rope_table):
+            query, key, value, q_compressed, kv_compressed = super().get_query_key_value_tensors(
+                hidden_states, key_value_states, None, *args, **kwargs)
+        if inputs.cache is None:
             return query, key, value, q_compressed, kv_compressed
         # Cache this step's latents, then expand keys / values of all cached tokens from them.
         qk_dim, heads = self.config.qk_head_dim, self.num_attention_heads_per_partition
-        latent, rope_key = self.latent_cache.append(kv_compressed, key[:, :, 0, qk_dim:])
+        latent, rope_key = inputs.cache.append(self.layer_number, kv_compressed, key[:, :, 0, qk_dim:])
         kv, _ = self.linear_kv_up_proj(latent)
         kv = kv.view(*latent.shape[:2], heads, qk_dim + self.config.v_head_dim)
         key_nope, value = torch.split(kv, [qk_dim, self.config.v_head_dim], dim=-1)
         key = torch.cat([key_nope, rope_key.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
         return query, key.contiguous(), value.contiguous(), q_compressed, kv_compressed
-
-    @contextlib.contextmanager
-    def positions(self, position_ids: torch.Tensor | None):
-        self.rotary_pos_emb.position_ids = position_ids
-        try:
-            yield
-        finally:
-            self.rotary_pos_emb.position_ids = None

@@ -7,14 +7,11 @@ positions where ``input_ids == image_token_id``, row-major over (sample, positio
 exactly its own images; text-only samples simply contain no image tokens.
 """
 
-import contextlib
-
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
-from nemo_pixellm.models.mla import PixelMLASelfAttention
 from nemo_pixellm.models.projector import PixelProjector
 from nemo_pixellm.models.vision import VisionTower
 
@@ -52,8 +49,6 @@ class PixelLMModel(MegatronModule):
             embedding.scatter_to_sequence_parallel = False
         # Megatron's schedules and DDP look these up on the model they are given.
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
-        # The attention layers that take explicit / M-RoPE positions (a plain list: not re-registered).
-        self._mla_layers = [m for m in language_model.modules() if isinstance(m, PixelMLASelfAttention)]
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -109,17 +104,15 @@ class PixelLMModel(MegatronModule):
         packed_seq_params=None,
         **kwargs,
     ) -> torch.Tensor:
-        """``position_ids``: [b, s] (1D) or [3, b, s] (M-RoPE t/h/w ids); None = 0..s-1."""
+        """``position_ids``: [b, s] (1D) or [3, b, s] (M-RoPE t/h/w ids); None = 0..s-1. Decoding passes
+        ``inference_context=LatentCache()`` (nemo_pixellm.models.mla)."""
         decoder_input = self.embed(input_ids, images, image_grids) if self.pre_process else None
-        with contextlib.ExitStack() as stack:
-            for attention in self._mla_layers:
-                stack.enter_context(attention.positions(position_ids))
-            return self.language_model(
-                input_ids=input_ids,
-                position_ids=position_ids if position_ids is None or position_ids.dim() == 2 else position_ids[0],
-                attention_mask=attention_mask,
-                decoder_input=decoder_input,
-                labels=labels,
-                packed_seq_params=packed_seq_params,
-                **kwargs,
-            )
+        return self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed_seq_params,
+            **kwargs,
+        )

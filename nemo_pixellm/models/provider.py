@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_pixellm import compat
 from nemo_pixellm.hf.deepseek_v3 import load_hf_language_model
 from nemo_pixellm.hf.siglip import load_siglip_tower
+from nemo_pixellm.models.language_model import PixelGPTModel
 from nemo_pixellm.models.pixellm import PixelLMModel
 from nemo_pixellm.models.specs import decoder_block_spec
 
@@ -136,7 +137,8 @@ class PixelLMProvider(MLAModelProvider):
             self.mscale_all_dim = 0.0  # Megatron's MLA scales softmax by YaRN's mscale whatever the rope type
         if self.image_token_id < 0:
             raise ValueError("PixelLMProvider.image_token_id is not set (it comes from the tokenizer)")
-        language_model = super().provide(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        with compat.gpt_model_class(PixelGPTModel):  # Bridge's provide, building MLA's explicit-position GPTModel
+            language_model = super().provide(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         model = PixelLMModel(
             self,
             language_model,

@@ -1,73 +1,95 @@
 """Megatron-Core layer specs for PixelLM: which module fills which slot, for both backends.
 
-- The decoder: DeepSeek-V3 layers (MLA attention + MoE with a shared expert, optional dense first
-  layers through ``moe_layer_freq``), from Megatron's GPT block spec with the backend's core attention
-  (and, locally, the routed experts as grouped GEMMs: ``grouped_experts.py``).
+- The decoder: DeepSeek-V3 layers (MLA attention + MoE with a shared expert, optional dense first layers
+  through ``moe_layer_freq``), built from the backend's spec provider (``models/backend.py``) the way
+  Megatron's GPT layer builders do, with PixelLM's MLA (explicit / M-RoPE positions, ``mla.py``).
 - The vision tower: pre-norm ViT layers (LayerNorm, bidirectional attention, GELU MLP, biases).
 """
 
-import functools
-
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.models.backends import BackendSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnMaskType, LayerType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
-from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from nemo_pixellm.models.backend import resolve_use_te, spec_provider
-from nemo_pixellm.models.grouped_experts import GroupedLocalExperts
-from nemo_pixellm.models.mla import PixelMLASelfAttention, use_local_mla_modules
+from nemo_pixellm.models.backend import spec_provider
+from nemo_pixellm.models.mla import PixelMLASelfAttention
+
+
+def decoder_layer_submodules(backend: BackendSpecProvider, config, moe: bool) -> TransformerLayerSubmodules:
+    """One decoder layer: MLA, then the MoE layer (``moe``) or a dense MLP.
+
+    Where the backend fuses a norm into the linear after it (TE: q/kv up projections, a dense fc1), that linear
+    carries the norm; where it does not, the norm is its own module and its checkpoint key is the fused
+    one's (``<linear>.layer_norm_weight``), so one distributed checkpoint loads on either backend."""
+    fused = backend.fuse_layernorm_and_linear()
+    qk_norm = config.qk_layernorm and not fused
+    up_proj = backend.column_parallel_layer_norm_linear() if config.qk_layernorm and fused else backend.column_parallel_linear()
+    keys_map = {}
+    if qk_norm:
+        keys_map["self_attention.q_layernorm."] = "self_attention.linear_q_up_proj.layer_norm_"
+        keys_map["self_attention.kv_layernorm."] = "self_attention.linear_kv_up_proj.layer_norm_"
+    if not moe and not fused:  # the fused dense fc1 carries pre_mlp_layernorm
+        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return TransformerLayerSubmodules(
+        input_layernorm=backend.layer_norm(rms_norm=True, has_residual=True),
+        self_attention=ModuleSpec(
+            module=PixelMLASelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=MLASelfAttentionSubmodules(
+                linear_q_proj=backend.column_parallel_linear(),
+                linear_q_down_proj=backend.linear(),  # replicated over TP (mla.py)
+                linear_q_up_proj=up_proj,
+                linear_kv_down_proj=backend.linear(),
+                linear_kv_up_proj=up_proj,
+                core_attention=backend.core_attention(),
+                linear_proj=backend.row_parallel_linear(),
+                q_layernorm=backend.layer_norm(rms_norm=True) if qk_norm else IdentityOp,
+                kv_layernorm=backend.layer_norm(rms_norm=True) if qk_norm else IdentityOp,
+            ),
+        ),
+        self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=backend.layer_norm(rms_norm=True, has_residual=True) if moe or not fused else IdentityOp,
+        mlp=get_mlp_module_spec_for_backend(
+            backend, num_experts=config.num_moe_experts if moe else None,
+            moe_grouped_gemm=moe and config.moe_grouped_gemm, use_te_activation_func=config.use_te_activation_func),
+        mlp_bda=get_bias_dropout_add,
+        sharded_state_dict_keys_map=keys_map,
+    )
+
+
+def moe_layer_pattern(config) -> list[bool]:
+    """Which layers are MoE layers: ``moe_layer_freq`` as Megatron reads it (every N-th layer, or a 0/1 list)."""
+    freq = config.moe_layer_freq if config.num_moe_experts else [0] * config.num_layers
+    pattern = [i % freq == 0 for i in range(config.num_layers)] if isinstance(freq, int) else [bool(f) for f in freq]
+    if len(pattern) != config.num_layers:
+        raise ValueError(f"model.moe_layer_freq has {len(pattern)} entries for {config.num_layers} layers")
+    return pattern
 
 
 def decoder_block_spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """The language decoder: Megatron's GPT block spec (MLA + MoE) on the chosen backend."""
-    use_te = resolve_use_te(getattr(config, "use_te", None))
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
-    for layer in block.layer_specs:
-        if getattr(config, "multi_latent_attention", False):
-            layer.submodules.self_attention.module = PixelMLASelfAttention  # explicit / M-RoPE positions
-    if not use_te:
-        backend = spec_provider(False)
-        norm = backend.layer_norm()
-        block.layer_norm = norm  # the block's final norm
-        for layer in block.layer_specs:
-            sub = layer.submodules
-            sub.self_attention.submodules.core_attention = backend.core_attention()
-            sub.input_layernorm = sub.pre_mlp_layernorm = norm
-            attention = sub.self_attention.submodules
-            if hasattr(attention, "linear_kv_down_proj"):
-                use_local_mla_modules(attention)
-            for slot in ("q_layernorm", "kv_layernorm", "k_layernorm"):
-                if hasattr(attention, slot) and getattr(attention, slot) is not IdentityOp:
-                    setattr(attention, slot, norm)
-            layer.submodules.sharded_state_dict_keys_map = te_checkpoint_names(sub)
-            moe = getattr(sub.mlp, "keywords", {}).get("submodules")  # partial(MoELayer, submodules=...)
-            if getattr(getattr(moe, "experts", None), "func", None) is SequentialMLP:
-                moe.experts = functools.partial(GroupedLocalExperts, *moe.experts.args, **moe.experts.keywords)
-    return block
-
-
-def te_checkpoint_names(layer: TransformerLayerSubmodules) -> dict[str, str]:
-    """Where Transformer Engine's spec fuses a norm into the linear after it, the local layer's distributed
-    checkpoint stores that norm under TE's name (``<linear>.layer_norm_weight``), so one checkpoint loads on
-    either backend. Megatron's local GPT spec does this for its own fused norms, not for MLA's or the dense
-    MLP's; the fusions mirrored are those of get_gpt_layer_with_transformer_engine_submodules."""
-    names = {}
-    attention = layer.self_attention.submodules
-    if getattr(attention, "q_layernorm", IdentityOp) is not IdentityOp and hasattr(attention, "linear_q_up_proj"):
-        names["self_attention.q_layernorm."] = "self_attention.linear_q_up_proj.layer_norm_"
-    if getattr(attention, "kv_layernorm", IdentityOp) is not IdentityOp:
-        names["self_attention.kv_layernorm."] = "self_attention.linear_kv_up_proj.layer_norm_"
-    mlp = getattr(layer.mlp, "func", None) or getattr(layer.mlp, "module", layer.mlp)  # partial or ModuleSpec
-    if not (isinstance(mlp, type) and issubclass(mlp, MoELayer)):  # dense: TE fuses pre_mlp_layernorm into fc1
-        names["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
-    return names
+    """This pipeline stage's decoder layers (Megatron's offset / layout rules) and the final norm."""
+    backend = spec_provider(getattr(config, "use_te", None))
+    layers = {moe: ModuleSpec(module=TransformerLayer, submodules=decoder_layer_submodules(backend, config, moe))
+              for moe in (False, True)}
+    specs = [layers[moe] for moe in moe_layer_pattern(config)]
+    if config.pipeline_model_parallel_layout is not None:
+        ids = config.pipeline_model_parallel_layout.get_layer_id_list(layer_type=LayerType.decoder, vp_stage=vp_stage)
+        specs = [specs[i] for i in ids]
+    else:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        specs = specs[offset: offset + get_num_layers_to_build(config, vp_stage=vp_stage)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=backend.layer_norm(rms_norm=True))
 
 
 def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
