@@ -22,6 +22,7 @@ whatever follows continues at max(previous ids) + 1.
 """
 
 import argparse
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -138,6 +139,40 @@ def to_tensor(view: Image.Image) -> torch.Tensor:
     return data.view(view.height, view.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def pixel_unshuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """[n, h, w, c] -> [n, ceil(h/f), ceil(w/f), c*f*f]; odd grids (27 at 384/14) are zero-padded first."""
+    n, h, w, c = features.shape
+    pad_h, pad_w = (-h) % factor, (-w) % factor
+    if pad_h or pad_w:
+        features = torch.nn.functional.pad(features, (0, 0, 0, pad_w, 0, pad_h))
+        h, w = h + pad_h, w + pad_w
+    features = features.reshape(n, h // factor, factor, w // factor, factor, c)
+    return features.permute(0, 1, 3, 2, 4, 5).reshape(n, h // factor, w // factor, factor * factor * c)
+
+
+def image_token_sequence(views: torch.Tensor, grids: torch.Tensor, newline: torch.Tensor,
+                         separator: torch.Tensor) -> torch.Tensor:
+    """Projected views [v, s, s, hidden] -> the images' tokens in sequence order [tokens, hidden] (the layout at
+    the top of this module). ``grids``: [images, 2] (cols, rows) of local tiles ((0, 0): global view only); the
+    views arrive per image as global, then local tiles row by row."""
+    side, hidden = views.shape[1], views.shape[-1]
+    newline, separator = newline.to(views.dtype).view(1, 1, hidden), separator.to(views.dtype).view(1, hidden)
+
+    def with_newlines(grid):
+        return torch.cat([grid, newline.expand(grid.shape[0], 1, hidden)], dim=1).reshape(-1, hidden)
+
+    out, v = [], 0
+    for cols, rows in grids.tolist():
+        out.append(with_newlines(views[v]))
+        if cols * rows:
+            tiles = views[v + 1: v + 1 + cols * rows].reshape(rows, cols, side, side, hidden)
+            out += [separator, with_newlines(tiles.permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, hidden))]
+        v += 1 + cols * rows
+    if v != views.shape[0]:
+        raise ValueError(f"the image grids account for {v} views but {views.shape[0]} were given")
+    return torch.cat(out)
+
+
 def mrope_positions(blocks: list[Block], start: int = 0) -> torch.Tensor:
     """[3, n] (t, h, w) position ids of a sequence of text and grid blocks."""
     ids, nxt = [], start
@@ -153,6 +188,17 @@ def mrope_positions(blocks: list[Block], start: int = 0) -> torch.Tensor:
             ids.append(torch.stack([torch.zeros_like(h), h, w]) + nxt)
             nxt += max(rows, cols)  # max id of the grid is start + max(rows, cols) - 1
     return torch.cat(ids, dim=1) if ids else torch.zeros(3, 0, dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=8)
+def mrope_axis_per_column(sections: tuple[int, ...], rope_dim: int) -> torch.Tensor:
+    """Which position axis (0 t, 1 h, 2 w) drives each column of Megatron's rope embedding
+    (cat(freqs, freqs), also transformers' layout: column c rotates frequency pair c mod rope_dim/2). Cached: read, never written."""
+    half = rope_dim // 2
+    if sum(sections) != half:
+        raise ValueError(f"mrope_section {sections} must sum to the rope half-dimension {half}")
+    axis = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
+    return torch.cat([axis, axis])
 
 
 def _size(text: str) -> tuple[int, int]:

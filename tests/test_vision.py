@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nemo_pixellm import tiling
-from nemo_pixellm.models.projector import pixel_unshuffle
+from nemo_pixellm.tiling import pixel_unshuffle
 
 from conftest import TINY_LM, TINY_VISION_56, build_pixellm
 

@@ -8,7 +8,7 @@ Writes, under ``out``:
 - ``vision_tower/``: a ``SiglipVisionModel`` (config.json, model.safetensors) at the tower's base resolution.
 - ``projector.safetensors``: the pixel-unshuffle MLP, the image-newline and view-separator embeddings.
 - ``pixellm.json``: what joins them (image token id, tiling and M-RoPE settings).
-No Hugging Face class holds the whole VLM; those pieces are what one needs to rebuild it.
+``nemo_pixellm.hf.PixelLMForConditionalGeneration.from_pretrained(out)`` joins them into the whole VLM in transformers.
 """
 
 import json

@@ -1,0 +1,96 @@
+"""The whole exported VLM in transformers (nemo_pixellm.hf.PixelLMForConditionalGeneration + PixelLMProcessor,
+built from transformers' SiglipVisionModel / DeepseekV3ForCausalLM): on requests with images of other sizes and
+aspect ratios, several images and none, its logits equal the Megatron model's on the same weights, and its
+generate() gives the tokens of the plugin's own decoding."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from conftest import TINY_LM, TINY_VISION_56, build_pixellm
+from nemo_pixellm import tiling
+from nemo_pixellm.data.tokenizer import PixelTokenizer
+from nemo_pixellm.export.__main__ import export_model
+from nemo_pixellm.generate import generate, prompt_from_request
+from nemo_pixellm.hf import PixelLMForConditionalGeneration, PixelLMProcessor
+
+from test_export import randomize
+
+WORDS = "what colour is the shape left of circle square red green blue how many text say".split()
+LAYOUT = SimpleNamespace(image_size=56, patch_size=14, downsample=2, max_tiles=4)
+
+
+def word_tokenizer() -> PixelTokenizer:
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PixelTokenizer(tokenizer)
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    pixels = torch.randint(0, 256, (height, width, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+REQUESTS = [("what colour is the square", [picture(90, 60, 1)]),  # 2 x 1 tiles
+            ("how many circle", [picture(40, 130, 2), picture(56, 56, 3)]),  # two images, other grids
+            ("what text say", [])]  # text only
+
+
+@pytest.fixture(scope="module")
+def exported(megatron_single_process, tmp_path_factory):
+    tokenizer = word_tokenizer()
+    model = build_pixellm(megatron_single_process, vocab_size=64, seq_length=256, image_token_id=tokenizer.image_id,
+                          **TINY_LM, **TINY_VISION_56)
+    randomize(model, seed=5)
+    out = tmp_path_factory.mktemp("export")
+    export_model(model, out, tokenizer, LAYOUT)
+    return model, tokenizer, out
+
+
+def test_logits_equal_the_megatron_model(exported):
+    model, tokenizer, out = exported
+    hf = PixelLMForConditionalGeneration.from_pretrained(out)
+    processor = PixelLMProcessor.from_pretrained(out)
+    for text, images in REQUESTS:
+        inputs = processor(text, images=images)
+        prompt = prompt_from_request(tokenizer, text, images, LAYOUT)
+        assert inputs["input_ids"][0].tolist() == prompt.tokens  # the processor lays it out as training did
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt.tokens]), tiling.mrope_positions(prompt.blocks)[:, None],
+                             images=prompt.views if len(images) else None, image_grids=prompt.grids)
+            got = hf(**inputs).logits
+        print(f"{text!r} ({len(images)} images, {len(prompt.tokens)} tokens): "
+              f"max |logit diff| {(got - expected).abs().max():.2e} of {expected.abs().max():.2f}")
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_generate_gives_the_plugin_s_greedy_tokens(exported):
+    """A left-padded batch through transformers' generate (its KV cache, the M-RoPE ids it extends per token)
+    against the plugin's generate (MLA latent cache, right-padded): the same tokens, and each step's logits."""
+    model, tokenizer, out = exported
+    hf = PixelLMForConditionalGeneration.from_pretrained(out)
+    processor = PixelLMProcessor.from_pretrained(out)
+    prompts = [prompt_from_request(tokenizer, text, images, LAYOUT) for text, images in REQUESTS]
+    scores = []
+    expected = generate(model, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_new_tokens=8, scores=scores)
+    inputs = processor([t for t, _ in REQUESTS], images=[ims for _, ims in REQUESTS])
+    with torch.no_grad():
+        output = hf.generate(**inputs, max_new_tokens=8, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    new = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+    got = [row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row for row in new]  # then pads
+    print("plugin:", expected, "transformers:", got)
+    assert got == expected and sum(map(len, expected)) >= 8
+    for step, (ours, theirs) in enumerate(zip(scores, output.logits)):
+        active = [i for i, answer in enumerate(expected) if step <= len(answer)]  # rows that had not ended
+        torch.testing.assert_close(theirs[active], ours[active], rtol=1e-5, atol=1e-5 * ours.abs().max().item())
+    assert processor.decode(output.sequences[0, inputs["input_ids"].shape[1]:]) == tokenizer.decode(expected[0])
+
+
+def test_not_an_export_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a PixelLM export .*pixellm.json.*python -m nemo_pixellm.export"):
+        PixelLMForConditionalGeneration.from_pretrained(tmp_path)
