@@ -12,6 +12,7 @@ Ask a trained checkpoint about your own images (the answer streams as it is deco
         [image=[a.png,b.jpg] (several; <image> in the prompt places them)] [max_new_tokens=64] [temperature=0.7]
         [top_k=] [top_p=] [greedy=true] [seed=0] [ema=true] [device=cpu|cuda]
     python -m nemo_pixellm.generate checkpoint=<dir> requests=asks.jsonl [batch_size=8]
+    python -m nemo_pixellm.generate checkpoint=<python -m nemo_pixellm.export's out dir> ...  # transformers
         # one {"prompt": ..., "images": [paths]} per line -> one {"prompt", "images", "answer"} JSON line each
 
 Images of any size and aspect ratio are tiled as in training (the checkpoint's view size, patch, downsample
@@ -205,28 +206,21 @@ def read_requests(args: GenerateArgs) -> list[dict]:
 
 
 def run(args: GenerateArgs, out=sys.stdout) -> list[str]:
-    from nemo_pixellm.data import sources
-    from nemo_pixellm.evaluate import load
-    from nemo_pixellm.training.ema import load_ema_into
-
+    """``checkpoint``: a training checkpoint (the Megatron model) or an export directory (transformers)."""
     requests = read_requests(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RequestError(f"device={args.device}: no CUDA device here; use device=cpu")
-    with contextlib.redirect_stdout(sys.stderr):  # Bridge's loader prints; stdout carries only the answers
-        model, data_config, directory = load(args.checkpoint)
-        if args.ema:
-            load_ema_into(model, directory)
-    model = model.to(args.device)
-    tokenizer = sources.load_tokenizer(data_config)
+    temperature = 0.0 if args.greedy else args.temperature
+    if (Path(args.checkpoint) / "pixellm.json").is_file():
+        answer, tokenizer, layout = _exported_model(args, temperature)
+    else:
+        answer, tokenizer, layout = _trained_model(args, temperature)
     prompts = []
     for request in requests:
         try:
-            prompts.append(prompt_from_request(tokenizer, request["prompt"], request["pictures"], data_config))
+            prompts.append(prompt_from_request(tokenizer, request["prompt"], request["pictures"], layout))
         except ValueError as error:  # placeholders vs images
             raise RequestError(f"prompt {request['prompt']!r}: {error}") from None
-    temperature = 0.0 if args.greedy else args.temperature
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)
     answers = []
     if not args.requests:  # one request: stream the answer as it is decoded
         said: list[int] = []
@@ -243,19 +237,62 @@ def run(args: GenerateArgs, out=sys.stdout) -> list[str]:
             out.flush()
             shown = text
 
-        generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, on_token=show, **sampling)
+        answer(prompts, on_token=show)
         show()  # whatever is left
         out.write("\n")
         return [shown.strip()]
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        for offset, tokens in enumerate(generate(model, batch, tokenizer.eos_id, tokenizer.pad_id, **sampling)):
+        for offset, tokens in enumerate(answer(batch)):
             request = requests[start + offset]
             answers.append(tokenizer.decode(tokens).strip())
             out.write(json.dumps({"prompt": request["prompt"], "images": request["images"],
                                   "answer": answers[-1]}) + "\n")
             out.flush()
     return answers
+
+
+def _trained_model(args: GenerateArgs, temperature: float):
+    """(answer(prompts, on_token=None) -> new tokens per prompt, tokenizer, data layout) of a training checkpoint."""
+    from nemo_pixellm.data import sources
+    from nemo_pixellm.evaluate import load
+    from nemo_pixellm.training.ema import load_ema_into
+
+    with contextlib.redirect_stdout(sys.stderr):  # Bridge's loader prints; stdout carries only the answers
+        model, data_config, directory = load(args.checkpoint)
+        if args.ema:
+            load_ema_into(model, directory)
+    model = model.to(args.device)
+    tokenizer = sources.load_tokenizer(data_config)
+
+    def answer(prompts, on_token=None):
+        return generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, max_new_tokens=args.max_new_tokens,
+                        temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        on_token=on_token)
+    return answer, tokenizer, data_config
+
+
+def _exported_model(args: GenerateArgs, temperature: float):
+    """The same for an export directory, through transformers (nemo_pixellm.hf; sampling draws from torch's
+    global generator seeded with ``seed``, so sampled answers differ from the Megatron model's)."""
+    from nemo_pixellm.hf.pixellm import PixelLMForConditionalGeneration, PixelLMProcessor, TokenStreamer
+
+    model = PixelLMForConditionalGeneration.from_pretrained(args.checkpoint).to(args.device)
+    processor = PixelLMProcessor.from_pretrained(args.checkpoint)
+    tokenizer = processor.tokenizer
+    sampling = dict(do_sample=temperature > 0)
+    if temperature > 0:
+        sampling |= dict(temperature=temperature, top_k=args.top_k or None, top_p=args.top_p)
+
+    def answer(prompts, on_token=None):
+        inputs = processor.batch(prompts).to(args.device)
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **sampling,
+                                    streamer=TokenStreamer(on_token, tokenizer.eos_id) if on_token else None)
+        rows = output[:, inputs["input_ids"].shape[1]:].tolist()
+        return [row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row for row in rows]
+    return answer, tokenizer, processor.layout
 
 
 def main(argv=None) -> None:

@@ -91,6 +91,36 @@ def test_generate_gives_the_plugin_s_greedy_tokens(exported):
     assert processor.decode(output.sequences[0, inputs["input_ids"].shape[1]:]) == tokenizer.decode(expected[0])
 
 
+def test_generate_cli_reads_an_export(exported, tmp_path):
+    """python -m nemo_pixellm.generate checkpoint=<export dir>: the streamed single answer and the JSONL batch
+    are the Megatron model's greedy answers to the same image files."""
+    import io
+    import json
+
+    from nemo_pixellm.generate import GenerateArgs, run
+
+    model, tokenizer, out = exported
+    files = []
+    for number, (_, images) in enumerate(REQUESTS):
+        files.append([str(tmp_path / f"{number}_{i}.png") for i in range(len(images))])
+        for image, path in zip(images, files[-1]):
+            image.save(path)
+    prompts = [prompt_from_request(tokenizer, text, images, LAYOUT) for text, images in REQUESTS]
+    expected = [tokenizer.decode(tokens).strip() for tokens in
+                generate(model, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_new_tokens=8)]
+    streamed = io.StringIO()
+    said = run(GenerateArgs(checkpoint=str(out), prompt=REQUESTS[0][0], image=files[0], max_new_tokens=8,
+                            greedy=True), out=streamed)
+    assert said == [expected[0]] and streamed.getvalue().strip() == expected[0]
+    asks = tmp_path / "asks.jsonl"
+    asks.write_text("".join(json.dumps({"prompt": text, "images": paths}) + "\n"
+                            for (text, _), paths in zip(REQUESTS, files)))
+    lines = io.StringIO()
+    assert run(GenerateArgs(checkpoint=str(out), requests=str(asks), max_new_tokens=8, batch_size=2), out=lines) == expected
+    assert [json.loads(line)["answer"] for line in lines.getvalue().splitlines()] == expected
+    print("answers:", expected)
+
+
 def test_not_an_export_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a PixelLM export .*pixellm.json.*python -m nemo_pixellm.export"):
         PixelLMForConditionalGeneration.from_pretrained(tmp_path)

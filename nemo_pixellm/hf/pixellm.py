@@ -25,7 +25,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Rotar
 
 from nemo_pixellm import tiling
 from nemo_pixellm.data.tokenizer import PixelTokenizer
-from nemo_pixellm.prompts import prompt_from_request
+from nemo_pixellm.prompts import Prompt, prompt_from_request
 
 EXPORT_FILES = ("pixellm.json", "language_model/config.json", "vision_tower/config.json", "projector.safetensors")
 
@@ -191,7 +191,11 @@ class PixelLMProcessor:
     def __call__(self, text: str | list[str], images=None) -> BatchFeature:
         """One request (``text``, ``images``: a list of PIL images) or a batch (lists of each)."""
         texts, image_lists = ([text], [images or []]) if isinstance(text, str) else (text, images or [[]] * len(text))
-        prompts = [prompt_from_request(self.tokenizer, t, list(ims), self.layout) for t, ims in zip(texts, image_lists)]
+        return self.batch([prompt_from_request(self.tokenizer, t, list(ims), self.layout)
+                           for t, ims in zip(texts, image_lists)])
+
+    def batch(self, prompts: list[Prompt]) -> BatchFeature:
+        """Laid-out prompts (``nemo_pixellm.prompts``) -> one left-padded batch of model inputs."""
         length = max(len(p.tokens) for p in prompts)
         ids = torch.full((len(prompts), length), self.tokenizer.pad_id)
         mask = torch.zeros(len(prompts), length, dtype=torch.long)
@@ -206,3 +210,24 @@ class PixelLMProcessor:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
+
+
+class TokenStreamer:
+    """transformers' streamer protocol -> ``on_token(row, token)`` for each new token until the row's end token
+    (the first ``put`` is the prompt)."""
+
+    def __init__(self, on_token, eos_id: int):
+        self.on_token, self.eos_id, self.prompt_seen, self.done = on_token, eos_id, False, set()
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.view(-1).tolist()):
+            if token == self.eos_id:
+                self.done.add(row)
+            elif row not in self.done:
+                self.on_token(row, token)
+
+    def end(self) -> None:
+        pass
