@@ -121,6 +121,27 @@ def test_generate_cli_reads_an_export(exported, tmp_path):
     print("answers:", expected)
 
 
+def test_an_export_imports_back(exported, megatron_single_process):
+    """model.pretrained_export_path=<export dir> starts the whole Megatron VLM from an export: every tensor equals
+    the exported model's (from another seed's start); a misfit is refused naming the tensor or the key."""
+    model, tokenizer, out = exported
+    sizes = dict(vocab_size=64, seq_length=256, image_token_id=tokenizer.image_id, **TINY_LM, **TINY_VISION_56)
+    back = build_pixellm(megatron_single_process, seed=99, pretrained_export_path=str(out), **sizes)
+    ours, theirs = back.state_dict(), model.state_dict()
+    assert set(ours) == set(theirs)
+    differ = [k for k in theirs if not k.endswith("_extra_state") and not torch.equal(ours[k], theirs[k])]
+    assert not differ, differ
+    with pytest.raises(ValueError, match=r"projector.safetensors: mlp.encoder.linear_fc1.\w+ has the shape \(64.*, the "
+                                         r"projector's is \(48.*model.projector_ffn_hidden_size"):
+        build_pixellm(megatron_single_process, pretrained_export_path=str(out), projector_ffn_hidden_size=48, **sizes)
+    with pytest.raises(ValueError, match=r"exported with image token id \d+, the tokenizer's is 3: .*\(dataset.tokenizer_path="):
+        build_pixellm(megatron_single_process, pretrained_export_path=str(out), **{**sizes, "image_token_id": 3})
+
+
 def test_not_an_export_is_refused(tmp_path):
+    from nemo_pixellm.training.validate import ConfigError, validate_model_keys
+
     with pytest.raises(FileNotFoundError, match="not a PixelLM export .*pixellm.json.*python -m nemo_pixellm.export"):
         PixelLMForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"model.pretrained_export_path=.* \(no pixellm.json there\).*nemo_pixellm.export"):
+        validate_model_keys({"pretrained_export_path": str(tmp_path)})

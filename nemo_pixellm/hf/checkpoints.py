@@ -33,3 +33,23 @@ def read_hf_checkpoint(directory) -> dict[str, torch.Tensor]:
     for file in files:
         state.update(load_file(file))
     return state
+
+
+def load_exported_projector(projector: torch.nn.Module, directory, image_token_id: int) -> None:
+    """An export's ``projector.safetensors`` into ``projector`` (one process); every tensor must exist and fit."""
+    joins = json.loads((Path(directory) / "pixellm.json").read_text())
+    if joins["image_token_id"] != image_token_id:
+        raise ValueError(f"{directory} was exported with image token id {joins['image_token_id']}, the tokenizer's "
+                         f"is {image_token_id}: train with its tokenizer (dataset.tokenizer_path={directory}/language_model)")
+    state = load_file(Path(directory) / "projector.safetensors")
+    params = dict(projector.named_parameters())
+    if set(state) != set(params):
+        raise KeyError(f"{directory}/projector.safetensors has {sorted(set(state) - set(params))} the projector lacks "
+                       f"and lacks {sorted(set(params) - set(state))}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if tensor.shape != params[name].shape:
+                raise ValueError(f"{directory}/projector.safetensors: {name} has the shape {tuple(tensor.shape)}, the "
+                                 f"projector's is {tuple(params[name].shape)} (model.projector_ffn_hidden_size, "
+                                 "model.hidden_size or model.projector_downsample differ)")
+            params[name].copy_(tensor)

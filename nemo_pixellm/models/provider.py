@@ -6,6 +6,7 @@ model through Bridge with the plugin's decoder spec, then wraps it with the visi
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from megatron.bridge.models.mla_provider import MLAModelProvider
@@ -13,6 +14,7 @@ from megatron.bridge.utils.instantiate_utils import register_allowed_target_pref
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_pixellm import compat
+from nemo_pixellm.hf.checkpoints import load_exported_projector
 from nemo_pixellm.hf.deepseek_v3 import load_hf_language_model
 from nemo_pixellm.hf.siglip import load_siglip_tower
 from nemo_pixellm.models.language_model import PixelGPTModel
@@ -77,6 +79,7 @@ class PixelLMProvider(MLAModelProvider):
     vision_layernorm_epsilon: float = 1e-6
     vision_pretrained_path: str | None = None  # a Hugging Face SiglipVisionModel directory to start the tower from
     language_pretrained_path: str | None = None  # a Hugging Face DeepseekV3ForCausalLM directory to start the LM from
+    pretrained_export_path: str | None = None  # a python -m nemo_pixellm.export directory: the whole VLM starts from it
 
     # Projector: pixel-unshuffle factor and MLP width (None = LM hidden size).
     projector_downsample: int = 2
@@ -152,6 +155,12 @@ class PixelLMProvider(MLAModelProvider):
             post_process=language_model.post_process,
             pg_collection=compat.process_groups(self),
         )
+        if self.pretrained_export_path:  # the whole VLM: its three parts, each checked against the model
+            export = Path(self.pretrained_export_path)
+            self.vision_pretrained_path = self.vision_pretrained_path or str(export / "vision_tower")
+            self.language_pretrained_path = self.language_pretrained_path or str(export / "language_model")
+            if model.projector is not None:
+                load_exported_projector(model.projector, export, self.image_token_id)
         if self.vision_pretrained_path and model.vision_model is not None:
             load_siglip_tower(model.vision_model, self.vision_pretrained_path)
         if self.language_pretrained_path:

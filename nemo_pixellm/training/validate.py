@@ -32,6 +32,10 @@ def validate_model_keys(model_values: dict) -> None:
         if path and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.{key}={path} is not a Hugging Face {kind} directory (no config.json there): "
                               "give the directory save_pretrained wrote")
+    path = model_values.get("pretrained_export_path")
+    if path and not (Path(path) / "pixellm.json").is_file():
+        raise ConfigError(f"model.pretrained_export_path={path} is not a PixelLM export (no pixellm.json there): give "
+                          "the out= directory of python -m nemo_pixellm.export")
 
 
 def _check_shards(path, key: str, task: str) -> None:
