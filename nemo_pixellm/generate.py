@@ -205,6 +205,18 @@ def read_requests(args: GenerateArgs) -> list[dict]:
     return requests
 
 
+def check_context(request: dict, prompt: Prompt, image_id: int, max_new_tokens: int, context: int) -> None:
+    """Refuse a request whose prompt and answer do not fit the model's context (its seq_length)."""
+    image_tokens = prompt.tokens.count(image_id)
+    if image_tokens > context:
+        raise RequestError(f"images {request['images']} need {image_tokens} positions, more than the model's context "
+                           f"of {context} (seq_length): give fewer or smaller images")
+    if len(prompt.tokens) + max_new_tokens > context:
+        raise RequestError(f"prompt {request['prompt'][:40]!r}: {len(prompt.tokens)} positions ({image_tokens} for "
+                           f"images) + max_new_tokens={max_new_tokens} exceed the model's context of {context} "
+                           "(seq_length): shorten the prompt or lower max_new_tokens")
+
+
 def run(args: GenerateArgs, out=sys.stdout) -> list[str]:
     """``checkpoint``: a training checkpoint (the Megatron model) or an export directory (transformers)."""
     requests = read_requests(args)
@@ -212,15 +224,16 @@ def run(args: GenerateArgs, out=sys.stdout) -> list[str]:
         raise RequestError(f"device={args.device}: no CUDA device here; use device=cpu")
     temperature = 0.0 if args.greedy else args.temperature
     if (Path(args.checkpoint) / "pixellm.json").is_file():
-        answer, tokenizer, layout = _exported_model(args, temperature)
+        answer, tokenizer, layout, context = _exported_model(args, temperature)
     else:
-        answer, tokenizer, layout = _trained_model(args, temperature)
+        answer, tokenizer, layout, context = _trained_model(args, temperature)
     prompts = []
     for request in requests:
         try:
             prompts.append(prompt_from_request(tokenizer, request["prompt"], request["pictures"], layout))
         except ValueError as error:  # placeholders vs images
             raise RequestError(f"prompt {request['prompt']!r}: {error}") from None
+        check_context(request, prompts[-1], tokenizer.image_id, args.max_new_tokens, context)
     answers = []
     if not args.requests:  # one request: stream the answer as it is decoded
         said: list[int] = []
@@ -269,7 +282,7 @@ def _trained_model(args: GenerateArgs, temperature: float):
         return generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, max_new_tokens=args.max_new_tokens,
                         temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                         on_token=on_token)
-    return answer, tokenizer, data_config
+    return answer, tokenizer, data_config, model.config.seq_length
 
 
 def _exported_model(args: GenerateArgs, temperature: float):
@@ -292,7 +305,7 @@ def _exported_model(args: GenerateArgs, temperature: float):
                                     streamer=TokenStreamer(on_token, tokenizer.eos_id) if on_token else None)
         rows = output[:, inputs["input_ids"].shape[1]:].tolist()
         return [row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row for row in rows]
-    return answer, tokenizer, processor.layout
+    return answer, tokenizer, processor.layout, model.config.text_config.max_position_embeddings
 
 
 def main(argv=None) -> None:

@@ -97,7 +97,7 @@ def test_generate_cli_reads_an_export(exported, tmp_path):
     import io
     import json
 
-    from nemo_pixellm.generate import GenerateArgs, run
+    from nemo_pixellm.generate import GenerateArgs, RequestError, run
 
     model, tokenizer, out = exported
     files = []
@@ -118,6 +118,12 @@ def test_generate_cli_reads_an_export(exported, tmp_path):
     lines = io.StringIO()
     assert run(GenerateArgs(checkpoint=str(out), requests=str(asks), max_new_tokens=8, batch_size=2), out=lines) == expected
     assert [json.loads(line)["answer"] for line in lines.getvalue().splitlines()] == expected
+    # Requests that do not fit the context (seq_length 256) are refused before decoding.
+    with pytest.raises(RequestError, match=r"\d+ positions \(\d+ for images\) \+ max_new_tokens=250 exceed the "
+                                           r"model's context of 256 \(seq_length\)"):
+        run(GenerateArgs(checkpoint=str(out), prompt="what colour", image=files[0], max_new_tokens=250))
+    with pytest.raises(RequestError, match=r"images .* need 260 positions, more than the model's context of 256"):
+        run(GenerateArgs(checkpoint=str(out), prompt="how many", image=files[0] * 20, max_new_tokens=1))
     print("answers:", expected)
 
 
