@@ -122,7 +122,8 @@ def test_sampling_filters():
 @pytest.mark.slow
 def test_generate_cli_answers_about_own_images(trained_checkpoint, cache_dir, tmp_path):
     """`python -m nemo_pixellm.generate` on a training checkpoint: a wide PNG with a prompt (streamed), and a JSONL
-    of a text-only prompt, a tall JPEG and two images in one prompt; each answer equals the checkpoint's own
+    of a text-only prompt, a tall JPEG and two images in one prompt (two that need more positions than the
+    context are refused); each answer equals the checkpoint's own
     greedy decoding without the cache, in-process, on the prompt laid out as in training (tiled views)."""
     import json
     import os
@@ -136,15 +137,15 @@ def test_generate_cli_answers_about_own_images(trained_checkpoint, cache_dir, tm
     from nemo_pixellm.generate import RequestError, open_request_image, prompt_from_request
 
     ckpt = trained_checkpoint
-    for name, size in (("wide.png", (300, 170)), ("tall.jpg", (90, 260))):
+    for name, size in (("wide.png", (300, 170)), ("tall.jpg", (90, 260)), ("small.png", (100, 100))):
         image = Image.new("RGB", size, (40, 90, 200))
         ImageDraw.Draw(image).ellipse((10, 10, 60, 60), fill=(220, 30, 30))
         image.save(tmp_path / name)
-    wide, tall = str(tmp_path / "wide.png"), str(tmp_path / "tall.jpg")
+    wide, tall, small = (str(tmp_path / name) for name in ("wide.png", "tall.jpg", "small.png"))
     asks = [{"prompt": "What colour is the circle?", "images": [wide]},
             {"prompt": "How many circles are there?"},
             {"prompt": "What is in the picture?", "images": [tall]},
-            {"prompt": "Left: <image> right: <image> which one is wider?", "images": [wide, tall]}]
+            {"prompt": "Left: <image> right: <image> which one is wider?", "images": [small, small]}]
     (tmp_path / "asks.jsonl").write_text("".join(json.dumps(a) + "\n" for a in asks[1:]))
     env = dict(os.environ, NEMO_PIXELLM_CACHE=str(cache_dir))
 
@@ -170,9 +171,11 @@ def test_generate_cli_answers_about_own_images(trained_checkpoint, cache_dir, tm
     assert [streamed] + [r["answer"] for r in batched] == expected
     layout = lambda w, h, n=1: tiling.image_layout(w, h, tile=data_config.image_size, max_tiles=data_config.max_tiles,  # noqa: E731
                                                    images_in_sample=n)
-    assert views == [layout(300, 170).views, 0, layout(90, 260).views, layout(300, 170, 2).views + layout(90, 260, 2).views]
+    assert views == [layout(300, 170).views, 0, layout(90, 260).views, 2 * layout(100, 100, 2).views]
     assert layout(300, 170).grid != layout(90, 260).grid  # the aspect ratio chose the tiles
 
+    too_long = cli(f"image=[{wide},{tall}]", "prompt=which is wider?", check=False)  # 93 + 81 image positions
+    assert too_long.returncode == 2 and "need 174 positions, more than the model's context of 128" in too_long.stderr
     missing = cli(f"image={tmp_path / 'nope.png'}", "prompt=hi", check=False)
     assert missing.returncode == 2 and f"image {tmp_path / 'nope.png'}: no such file" in missing.stderr
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
