@@ -16,6 +16,7 @@ Nothing here imports Megatron.
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
@@ -183,9 +184,8 @@ class PixelLMProcessor:
         _check_export(directory)
         joins = json.loads((directory / "pixellm.json").read_text())
         vision = json.loads((directory / "vision_tower" / "config.json").read_text())
-        layout = type("Layout", (), dict(image_size=joins.get("image_size", vision["image_size"]),
-                                          patch_size=joins["patch_size"], downsample=joins["downsample"],
-                                          max_tiles=joins.get("max_tiles", 0)))
+        layout = SimpleNamespace(image_size=joins.get("image_size", vision["image_size"]), patch_size=joins["patch_size"],
+                                 downsample=joins["downsample"], max_tiles=joins.get("max_tiles", 0))
         return cls(PixelTokenizer.from_dir(directory / "language_model"), layout)
 
     def __call__(self, text: str | list[str], images=None) -> BatchFeature:
