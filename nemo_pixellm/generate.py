@@ -13,6 +13,7 @@ Ask a trained checkpoint about your own images (the answer streams as it is deco
         [top_k=] [top_p=] [greedy=true] [seed=0] [ema=true] [device=cpu|cuda]
     python -m nemo_pixellm.generate checkpoint=<dir> requests=asks.jsonl [batch_size=8]
     python -m nemo_pixellm.generate checkpoint=<python -m nemo_pixellm.export's out dir> ...  # transformers
+    python -m nemo_pixellm.generate checkpoint=<dir> chat=true [image=photo.jpg]  # one user turn per stdin line
         # one {"prompt": ..., "images": [paths]} per line -> one {"prompt", "images", "answer"} JSON line each
 
 Images of any size and aspect ratio are tiled as in training (the checkpoint's view size, patch, downsample
@@ -89,12 +90,15 @@ class _Decoder:
 def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tokens: int = 8,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | list[int] = 0,
              use_cache: bool = True, scores: list | None = None, on_token=None,
-             all_steps: bool = False) -> list[list[int]]:
+             all_steps: bool = False, cache: LatentCache | None = None) -> list[list[int]]:
     """New tokens per prompt (without the end token). Right-padded batch; each row reads its own last logit.
     ``seed``: one for the batch or one per row; ``scores``: a list that receives each step's next-token
     logits [b, vocab]; ``on_token(row, token)`` is called for each new token as it is chosen (streaming);
     ``all_steps``: run max_new_tokens steps even when every row has ended (expert-parallel ranks decoding
-    different prompts must run the same number of forward passes)."""
+    different prompts must run the same number of forward passes); ``cache``: a LatentCache holding earlier
+    tokens of one conversation (one prompt, every slot real) that the prompt continues (``Chat``)."""
+    if cache is not None and (len(prompts) != 1 or not use_cache):
+        raise ValueError("generate(cache=...) continues one conversation: one prompt, use_cache=True")
     decoder = _Decoder(len(prompts), eos_id, temperature, top_k, top_p, seed, scores,
                        getattr(model, "image_token_id", None), on_token)
     device = next(model.parameters()).device
@@ -113,8 +117,8 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
             seqs = [p.tokens + out for p, out in zip(prompts, decoder.outputs)]
             length = max(map(len, seqs))
             tokens = torch.tensor([r + [pad_id] * (length - len(r)) for r in seqs])
-            positions = torch.stack([tiling.mrope_positions(p.blocks + [tiling.TextBlock(length - len(p.tokens))])
-                                     for p in prompts], dim=1)  # [3, b, length]
+            positions = torch.stack([tiling.mrope_positions(p.blocks + [tiling.TextBlock(length - len(p.tokens))],
+                                                            start=p.start) for p in prompts], dim=1)  # [3, b, length]
             logits = forward(tokens, positions, images=images, image_grids=grids)
             decoder.step(logits[rows, torch.tensor([len(r) - 1 for r in seqs])])
             if all(decoder.done) and not all_steps:
@@ -124,11 +128,13 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
     lengths = torch.tensor([len(p.tokens) for p in prompts])
     length = int(lengths.max())
     tokens = torch.tensor([p.tokens + [pad_id] * (length - len(p.tokens)) for p in prompts])
-    prompt_positions = [tiling.mrope_positions(p.blocks + [tiling.TextBlock(length - len(p.tokens) + max_new_tokens)])
-                        for p in prompts]
+    prompt_positions = [tiling.mrope_positions(p.blocks + [tiling.TextBlock(length - len(p.tokens) + max_new_tokens)],
+                                               start=p.start) for p in prompts]
+    cache = cache if cache is not None else LatentCache()
+    past = cache.slots()
     real = torch.arange(length)[None] < lengths[:, None]  # [b, slots]: cache slots holding real tokens
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    cache = LatentCache()
+    real = torch.cat([torch.ones(len(prompts), past, dtype=torch.bool), real], dim=1)
+    causal = torch.ones(length, past + length, dtype=torch.bool).tril(diagonal=past)
     mask = ~(real[:, None, None, :] & causal)  # True = masked (Megatron)
     positions = torch.stack([ids[:, :length] for ids in prompt_positions], dim=1)
     logits = forward(tokens, positions, attention_mask=mask, images=images, image_grids=grids, inference_context=cache)
@@ -146,6 +152,32 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
     return decoder.outputs
 
 
+class Chat:
+    """One conversation with a model (1 process): each turn is laid out as training lays out multi-turn chats
+    (``<|user|> .. <|assistant|> answer <|end|> <|user|> ..``, M-RoPE ids continuing), and the latent cache keeps
+    every earlier token, so a turn runs only its own tokens through the model."""
+
+    def __init__(self, model, tokenizer, layout, context: int, **sampling):
+        self.model, self.tokenizer, self.layout, self.context, self.sampling = model, tokenizer, layout, context, sampling
+        self.cache, self.tokens, self.end = LatentCache(), [], 0  # conversation so far; its next position
+
+    def ask(self, text: str, images=(), on_token=None) -> list[int]:
+        turn = prompt_from_request(self.tokenizer, text, list(images), self.layout)
+        pending = self.tokens[self.cache.slots():]  # the last answer's end, not yet through the model
+        new_end = int(tiling.mrope_positions(turn.blocks, start=self.end).max()) + 1
+        needed = len(self.tokens) + len(turn.tokens) + self.sampling.get("max_new_tokens", 8)
+        if needed > self.context:
+            raise RequestError(f"the conversation needs {needed} positions with this turn and its answer, more than "
+                               f"the model's context of {self.context} (seq_length): start a new chat")
+        prompt = Prompt(pending + turn.tokens, [tiling.TextBlock(len(pending))] + turn.blocks, turn.views, turn.grids,
+                        start=self.end - len(pending))
+        answer = generate(self.model, [prompt], self.tokenizer.eos_id, self.tokenizer.pad_id, cache=self.cache,
+                          on_token=on_token, **self.sampling)[0]
+        self.tokens += turn.tokens + answer + [self.tokenizer.eos_id]
+        self.end = new_end + len(answer) + 1
+        return answer
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 @dataclass
 class GenerateArgs:
@@ -160,6 +192,7 @@ class GenerateArgs:
     greedy: bool = False  # argmax whatever the temperature
     seed: int = 0
     batch_size: int = 8
+    chat: bool = False  # a conversation: one user turn per stdin line (image= goes with the first), cache kept
     ema: bool = True  # the checkpoint's EMA weights when it has them
     device: str = "cpu"
 
@@ -217,8 +250,11 @@ def check_context(request: dict, prompt: Prompt, image_id: int, max_new_tokens: 
                            "(seq_length): shorten the prompt or lower max_new_tokens")
 
 
-def run(args: GenerateArgs, out=sys.stdout) -> list[str]:
-    """``checkpoint``: a training checkpoint (the Megatron model) or an export directory (transformers)."""
+def run(args: GenerateArgs, out=sys.stdout, turns=None) -> list[str]:
+    """``checkpoint``: a training checkpoint (the Megatron model) or an export directory (transformers).
+    ``turns``: the chat's user turns (default: stdin's lines)."""
+    if args.chat:
+        return run_chat(args, out, sys.stdin if turns is None else turns)
     requests = read_requests(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RequestError(f"device={args.device}: no CUDA device here; use device=cpu")
@@ -236,24 +272,9 @@ def run(args: GenerateArgs, out=sys.stdout) -> list[str]:
         check_context(request, prompts[-1], tokenizer.image_id, args.max_new_tokens, context)
     answers = []
     if not args.requests:  # one request: stream the answer as it is decoded
-        said: list[int] = []
-        shown = ""
-
-        def show(row: int = 0, token: int | None = None) -> None:
-            nonlocal shown
-            if token is not None:
-                said.append(token)
-            text = tokenizer.decode(said).lstrip()
-            if token is not None and text.endswith("\ufffd"):
-                return  # a character's bytes are still arriving: wait for the rest
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
-
-        answer(prompts, on_token=show)
-        show()  # whatever is left
-        out.write("\n")
-        return [shown.strip()]
+        stream = TextStream(tokenizer, out)
+        answer(prompts, on_token=stream.on_token)
+        return [stream.finish()]
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
         for offset, tokens in enumerate(answer(batch)):
@@ -265,8 +286,53 @@ def run(args: GenerateArgs, out=sys.stdout) -> list[str]:
     return answers
 
 
-def _trained_model(args: GenerateArgs, temperature: float):
-    """(answer(prompts, on_token=None) -> new tokens per prompt, tokenizer, data layout) of a training checkpoint."""
+class TextStream:
+    """Writes an answer to ``out`` as its tokens arrive (``on_token``); ``finish`` ends the line."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out, self.said, self.shown = tokenizer, out, [], ""
+
+    def on_token(self, row: int, token: int) -> None:
+        self.said.append(token)
+        self._show(final=False)
+
+    def _show(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.said).lstrip()
+        if not final and text.endswith("\ufffd"):
+            return  # a character's bytes are still arriving: wait for the rest
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+    def finish(self) -> str:
+        self._show(final=True)
+        self.out.write("\n")
+        return self.shown.strip()
+
+
+def run_chat(args: GenerateArgs, out, turns) -> list[str]:
+    """chat=true: answer each turn as it comes, streamed, keeping the conversation and its latent cache."""
+    if (Path(args.checkpoint) / "pixellm.json").is_file():
+        raise RequestError("chat=true keeps MLA's latent cache between turns: give a training checkpoint "
+                           "(checkpoint=<checkpoint.save dir>), not an export directory")
+    files = [] if args.image is None else [args.image] if isinstance(args.image, str) else list(args.image)
+    pictures = [open_request_image(path) for path in files]  # with the first turn
+    temperature = 0.0 if args.greedy else args.temperature
+    model, tokenizer, data_config = _load_trained(args)
+    chat = Chat(model, tokenizer, data_config, model.config.seq_length, max_new_tokens=args.max_new_tokens,
+                temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    answers = []
+    for line in turns:
+        if not line.strip():
+            break
+        stream = TextStream(tokenizer, out)
+        chat.ask(line.strip(), pictures if not answers else [], on_token=stream.on_token)
+        answers.append(stream.finish())
+    return answers
+
+
+def _load_trained(args: GenerateArgs):
+    """(model on args.device, tokenizer, data config) of a training checkpoint."""
     from nemo_pixellm.data import sources
     from nemo_pixellm.evaluate import load
     from nemo_pixellm.training.ema import load_ema_into
@@ -275,8 +341,13 @@ def _trained_model(args: GenerateArgs, temperature: float):
         model, data_config, directory = load(args.checkpoint)
         if args.ema:
             load_ema_into(model, directory)
-    model = model.to(args.device)
-    tokenizer = sources.load_tokenizer(data_config)
+    return model.to(args.device), sources.load_tokenizer(data_config), data_config
+
+
+def _trained_model(args: GenerateArgs, temperature: float):
+    """(answer(prompts, on_token=None) -> new tokens per prompt, tokenizer, data layout, context) of a training
+    checkpoint."""
+    model, tokenizer, data_config = _load_trained(args)
 
     def answer(prompts, on_token=None):
         return generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, max_new_tokens=args.max_new_tokens,

@@ -16,6 +16,7 @@ class Prompt:
     blocks: list[tiling.Block]  # M-RoPE blocks of the prompt (tiling.mrope_positions)
     views: torch.Tensor  # [v, 3, T, T]
     grids: torch.Tensor  # [images, 2]
+    start: int = 0  # M-RoPE id of the first token (a turn continuing a conversation)
 
 
 def prompt_from_sample(sample: Sample) -> Prompt:

@@ -174,6 +174,20 @@ def test_generate_cli_answers_about_own_images(trained_checkpoint, cache_dir, tm
     assert views == [layout(300, 170).views, 0, layout(90, 260).views, 2 * layout(100, 100, 2).views]
     assert layout(300, 170).grid != layout(90, 260).grid  # the aspect ratio chose the tiles
 
+    # chat=true: two turns about the wide picture, streamed; the same answers as a Chat on the loaded model.
+    import io
+
+    from nemo_pixellm.generate import Chat, GenerateArgs, run
+
+    turns = ["What colour is the circle?", "How many circles are there?", ""]
+    streamed_chat = io.StringIO()
+    said = run(GenerateArgs(checkpoint=str(ckpt), chat=True, image=wide, max_new_tokens=6, greedy=True, ema=False),
+               out=streamed_chat, turns=turns)
+    chat = Chat(model, tokenizer, data_config, context=model.config.seq_length, max_new_tokens=6)
+    expected_chat = [tokenizer.decode(chat.ask(turns[0], [open_request_image(wide)])).strip(),
+                     tokenizer.decode(chat.ask(turns[1])).strip()]
+    assert said == expected_chat and [line.strip() for line in streamed_chat.getvalue().splitlines()] == expected_chat
+
     too_long = cli(f"image=[{wide},{tall}]", "prompt=which is wider?", check=False)  # 93 + 81 image positions
     assert too_long.returncode == 2 and "need 174 positions, more than the model's context of 128" in too_long.stderr
     missing = cli(f"image={tmp_path / 'nope.png'}", "prompt=hi", check=False)
@@ -183,3 +197,40 @@ def test_generate_cli_answers_about_own_images(trained_checkpoint, cache_dir, tm
         open_request_image(str(tmp_path / "bad.jpg"))
     with pytest.raises(ValueError, match="2 <image> placeholder"):
         prompt_from_request(tokenizer, "<image> and <image>", [open_request_image(wide)], data_config)
+
+
+def test_chat_keeps_the_conversation_and_its_cache(megatron_single_process):
+    """Chat: each turn's answer equals decoding the whole conversation so far (laid out as training lays out a
+    multi-turn chat: answer, <|end|>, next user turn; images in later turns too) without any cache, while only
+    the new turn's tokens run through the model."""
+    from test_export import randomize
+    from test_hf_vlm import LAYOUT, picture, word_tokenizer
+
+    from nemo_pixellm.generate import Chat, prompt_from_request
+
+    tokenizer = word_tokenizer()
+    model = build_pixellm(megatron_single_process, vocab_size=64, seq_length=256, image_token_id=tokenizer.image_id,
+                          **TINY_LM, **TINY_VISION_56, seed=3)
+    randomize(model, seed=2)
+    chat = Chat(model, tokenizer, LAYOUT, context=256, max_new_tokens=6)
+    fed = []
+    hook = model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+    tokens, blocks, views, grids = [], [], [], []
+    for text, images in [("what colour is the square", [picture(90, 60, 1)]), ("how many circle", []),
+                         ("what text say", [picture(40, 130, 2)])]:
+        fed.clear()
+        pending = len(tokens) - chat.cache.slots()
+        answer = chat.ask(text, images)
+        this_turn = list(fed)  # the sequence lengths the chat's forwards ran
+        turn = prompt_from_request(tokenizer, text, images, LAYOUT)
+        whole = Prompt(tokens + turn.tokens, blocks + turn.blocks, torch.cat(views + [turn.views]),
+                       torch.cat(grids + [turn.grids]))
+        assert answer == generate(model, [whole], tokenizer.eos_id, tokenizer.pad_id, max_new_tokens=6, use_cache=False)[0]
+        assert this_turn[0] == pending + len(turn.tokens) and set(this_turn[1:]) <= {1}  # this turn, then 1 a step
+        tokens += turn.tokens + answer + [tokenizer.eos_id]
+        blocks += turn.blocks + [tiling.TextBlock(len(answer) + 1)]
+        views, grids = views + [turn.views], grids + [turn.grids]
+    hook.remove()
+    assert chat.tokens == tokens and len(tokens) > 60
+    with pytest.raises(ValueError, match="the conversation needs .* positions .* context of 30"):
+        Chat(model, tokenizer, LAYOUT, context=30, max_new_tokens=6).ask("what colour", [picture(90, 60, 1)])

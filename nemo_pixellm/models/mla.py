@@ -118,6 +118,10 @@ class LatentCache(BaseInferenceContext):
     def is_decode_only(self) -> bool:
         return bool(self.layers)
 
+    def slots(self) -> int:
+        """Tokens held (the same for every layer)."""
+        return next(iter(self.layers.values()))[0].shape[0] if self.layers else 0
+
     def append(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor):
         """Add this step's [new, b, kv_lora_rank] latents and [new, b, rope_dim] rope keys; all of the layer's."""
         if layer in self.layers:
