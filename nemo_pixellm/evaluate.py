@@ -1,11 +1,15 @@
-"""Held-out evaluation of a checkpoint: exact-match VQA accuracy per question type, caption loss/perplexity.
+"""Held-out evaluation of a checkpoint: VQA accuracy per question type, caption loss/perplexity.
 
     python -m nemo_pixellm.evaluate checkpoint=<checkpoint.save dir> [samples=200] [blind=true] [ema=false]
+        [data=<shards of data_prep.vqa>] [max_new_tokens=6]
 
 The model and its data config come from the checkpoint (Bridge's loader and run config); questions come
-from the held-out split the training never saw. ``blind=true`` replaces every image with a blank (mean
-colour) one: the text-only baseline. ``chance`` is the accuracy of always giving the most frequent answer
-of each question type. Greedy decoding unless ``temperature`` > 0 (then ``top_k`` / ``top_p`` apply).
+from the held-out split the training never saw, or from ``data`` (real VQA shards; no caption loss then).
+Each answer scores the official VQA accuracy against the question's reference answers (``vqa_score``: exact
+match for one or two, min(1, annotators agreeing / 3) for VQAv2's ten). ``blind=true`` replaces every image with a
+blank (mean colour) one: the text-only baseline. ``chance`` is the accuracy of always giving the most
+frequent answer of each question type. Greedy decoding unless ``temperature`` > 0 (then ``top_k`` /
+``top_p`` apply).
 """
 
 import json
@@ -23,6 +27,7 @@ from nemo_pixellm import compat
 compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
 
 from nemo_pixellm.data import sources  # noqa: E402
+from nemo_pixellm.vqa_score import normalize_answer, vqa_score  # noqa: E402
 
 
 @dataclass
@@ -37,6 +42,7 @@ class EvalArgs:
     top_k: int = 0
     top_p: float = 1.0
     use_cache: bool = True  # MLA latent KV cache (1 process); false reruns the sequence per token
+    data: str | None = None  # VQA shards to ask instead of the checkpoint's held-out split
 
 
 def iteration_dir(checkpoint: str) -> Path:
@@ -71,9 +77,9 @@ def ask_questions(model, data_config, tokenizer, args: EvalArgs) -> list[dict]:
     from nemo_pixellm.data.samples import ShardSamples
     from nemo_pixellm.generate import generate, prompt_from_sample
 
-    _, heldout = sources.data_paths(data_config)
+    heldout = args.data or sources.data_paths(data_config)[1]
     questions = ShardSamples(heldout, tokenizer, "vqa", data_config.patch_size, data_config.downsample,
-                             data_config.max_tiles)
+                             data_config.max_tiles, key="data" if args.data else "dataset.path")
     jobs = []  # (index that selects the question, qa)
     for image_index in range(min(args.samples, len(questions))):
         qa_list = json.loads(questions.reader[image_index]["json"])["qa"]
@@ -92,7 +98,9 @@ def ask_questions(model, data_config, tokenizer, args: EvalArgs) -> list[dict]:
                            args.temperature, args.top_k, args.top_p, use_cache=args.use_cache)
         for (_, qa), answer in zip(batch, answers):
             said = tokenizer.decode(answer).strip()
-            results.append({"type": qa["type"], "q": qa["q"], "a": qa["a"], "said": said, "correct": said == qa["a"]})
+            answers = qa.get("answers") or [qa["a"]]
+            results.append({"type": qa["type"], "q": qa["q"], "a": qa["a"], "answers": answers, "said": said,
+                            "score": vqa_score(said, answers)})
     return results
 
 
@@ -122,10 +130,10 @@ def summarize(results: list[dict]) -> dict:
         by_type[r["type"]].append(r)
     summary = {}
     for kind, rows in sorted(by_type.items()):
-        most_common = Counter(r["a"] for r in rows).most_common(1)[0][1]
-        summary[kind] = {"n": len(rows), "accuracy": sum(r["correct"] for r in rows) / len(rows),
-                         "chance": most_common / len(rows)}
-    summary["all"] = {"n": len(results), "accuracy": sum(r["correct"] for r in results) / max(len(results), 1)}
+        most_common = Counter(normalize_answer(r["a"]) for r in rows).most_common(1)[0][0]
+        summary[kind] = {"n": len(rows), "accuracy": sum(r["score"] for r in rows) / len(rows),
+                         "chance": sum(vqa_score(most_common, r["answers"]) for r in rows) / len(rows)}
+    summary["all"] = {"n": len(results), "accuracy": sum(r["score"] for r in results) / max(len(results), 1)}
     return summary
 
 
@@ -136,9 +144,12 @@ def evaluate(args: EvalArgs) -> dict:
     ema_used = load_ema_into(model, directory) if args.ema else False
     tokenizer = sources.load_tokenizer(data_config)
     results = ask_questions(model, data_config, tokenizer, args)
-    loss = caption_loss(model, data_config, tokenizer, args)
-    return {"checkpoint": str(directory), "blind": args.blind, "ema": ema_used, "vqa": summarize(results),
-            "caption_loss": loss, "caption_perplexity": math.exp(min(loss, 50.0))}
+    report = {"checkpoint": str(directory), "data": args.data, "blind": args.blind, "ema": ema_used,
+              "vqa": summarize(results)}
+    if args.data is None:  # real VQA shards have no captions
+        loss = caption_loss(model, data_config, tokenizer, args)
+        report.update(caption_loss=loss, caption_perplexity=math.exp(min(loss, 50.0)))
+    return report
 
 
 def parse_args(schema, argv, required=("checkpoint",)):
@@ -159,7 +170,8 @@ def main(argv=None) -> None:
     print(f"{'type':10s} {'n':>5s} {'accuracy':>9s} {'chance':>7s}")
     for kind, row in report["vqa"].items():
         print(f"{kind:10s} {row['n']:5d} {row['accuracy']:9.1%} {row.get('chance', float('nan')):7.1%}")
-    print(f"caption loss {report['caption_loss']:.4f} (perplexity {report['caption_perplexity']:.2f})")
+    if "caption_loss" in report:
+        print(f"caption loss {report['caption_loss']:.4f} (perplexity {report['caption_perplexity']:.2f})")
 
 
 if __name__ == "__main__":

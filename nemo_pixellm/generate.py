@@ -154,16 +154,21 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
 
 class Chat:
     """One conversation with a model (1 process): each turn is laid out as training lays out multi-turn chats
-    (``<|user|> .. <|assistant|> answer <|end|> <|user|> ..``, M-RoPE ids continuing), and the latent cache keeps
-    every earlier token, so a turn runs only its own tokens through the model."""
+    (``<|user|> .. <|assistant|> answer <|end|> <|user|> ..``, M-RoPE ids continuing), and the cache keeps every
+    earlier token, so a turn runs only its own tokens through the model. This one decodes with the Megatron
+    model and MLA's latent cache; ``ExportedChat`` with an export's transformers model and its KV cache."""
 
     def __init__(self, model, tokenizer, layout, context: int, **sampling):
         self.model, self.tokenizer, self.layout, self.context, self.sampling = model, tokenizer, layout, context, sampling
         self.cache, self.tokens, self.end = LatentCache(), [], 0  # conversation so far; its next position
 
+    def cached(self) -> int:
+        """How many of the conversation's tokens the cache holds (the last answer's end is not among them)."""
+        return self.cache.slots()
+
     def ask(self, text: str, images=(), on_token=None) -> list[int]:
         turn = prompt_from_request(self.tokenizer, text, list(images), self.layout)
-        pending = self.tokens[self.cache.slots():]  # the last answer's end, not yet through the model
+        pending = self.tokens[self.cached():]  # the last answer's end, not yet through the model
         new_end = int(tiling.mrope_positions(turn.blocks, start=self.end).max()) + 1
         needed = len(self.tokens) + len(turn.tokens) + self.sampling.get("max_new_tokens", 8)
         if needed > self.context:
@@ -171,10 +176,54 @@ class Chat:
                                f"the model's context of {self.context} (seq_length): start a new chat")
         prompt = Prompt(pending + turn.tokens, [tiling.TextBlock(len(pending))] + turn.blocks, turn.views, turn.grids,
                         start=self.end - len(pending))
-        answer = generate(self.model, [prompt], self.tokenizer.eos_id, self.tokenizer.pad_id, cache=self.cache,
-                          on_token=on_token, **self.sampling)[0]
+        answer = self.decode(prompt, on_token)
         self.tokens += turn.tokens + answer + [self.tokenizer.eos_id]
         self.end = new_end + len(answer) + 1
+        return answer
+
+    def decode(self, prompt: Prompt, on_token) -> list[int]:
+        """The answer to ``prompt`` (the uncached tokens), continuing the cache."""
+        return generate(self.model, [prompt], self.tokenizer.eos_id, self.tokenizer.pad_id, cache=self.cache,
+                        on_token=on_token, **self.sampling)[0]
+
+
+class ExportedChat(Chat):
+    """A Chat with an export directory's transformers model (``nemo_pixellm.hf``): transformers' generate
+    continues its returned ``past_key_values`` from the whole conversation's ids and M-RoPE ids."""
+
+    def __init__(self, model, processor, context: int, max_new_tokens: int = 8, seed: int = 0, **sampling):
+        super().__init__(model, processor.tokenizer, processor.layout, context, max_new_tokens=max_new_tokens)
+        self.processor, self.generate_kwargs, self.seed = processor, sampling, seed
+        device = model.device
+        self.past = None
+        self.ids = torch.zeros(1, 0, dtype=torch.long, device=device)  # what the cache holds, and more
+        self.positions = torch.zeros(3, 1, 0, dtype=torch.long, device=device)
+
+    def cached(self) -> int:
+        return 0 if self.past is None else self.past.get_seq_length()
+
+    def decode(self, prompt: Prompt, on_token) -> list[int]:
+        from nemo_pixellm.hf.pixellm import TokenStreamer
+
+        inputs = self.processor.batch([prompt]).to(self.model.device)
+        cached = self.cached()
+        ids = torch.cat([self.ids[:, :cached], inputs["input_ids"]], dim=1)
+        positions = torch.cat([self.positions[..., :cached], inputs["position_ids"]], dim=-1)
+        eos = self.tokenizer.eos_id
+        torch.manual_seed(self.seed)
+        with torch.no_grad():
+            output = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
+                pixel_values=inputs["pixel_values"], image_grids=inputs["image_grids"], past_key_values=self.past,
+                max_new_tokens=self.sampling["max_new_tokens"], return_dict_in_generate=True,
+                streamer=TokenStreamer(on_token, eos) if on_token else None, **self.generate_kwargs)
+        self.past, self.ids = output.past_key_values, output.sequences
+        new = output.sequences[0, ids.shape[1]:].tolist()
+        answer = new[:new.index(eos)] if eos in new else new
+        # the answer's ids continue the prompt's text positions (the end token's too, once it is fed)
+        start = int(positions.max()) + 1
+        new_positions = torch.arange(start, start + len(new), device=positions.device).expand(3, 1, -1)
+        self.positions = torch.cat([positions, new_positions], dim=-1)
         return answer
 
 
@@ -311,21 +360,23 @@ class TextStream:
 
 
 def run_chat(args: GenerateArgs, out, turns) -> list[str]:
-    """chat=true: answer each turn as it comes, streamed, keeping the conversation and its latent cache."""
-    if (Path(args.checkpoint) / "pixellm.json").is_file():
-        raise RequestError("chat=true keeps MLA's latent cache between turns: give a training checkpoint "
-                           "(checkpoint=<checkpoint.save dir>), not an export directory")
+    """chat=true: answer each turn as it comes, streamed, keeping the conversation and its cache."""
     files = [] if args.image is None else [args.image] if isinstance(args.image, str) else list(args.image)
     pictures = [open_request_image(path) for path in files]  # with the first turn
     temperature = 0.0 if args.greedy else args.temperature
-    model, tokenizer, data_config = _load_trained(args)
-    chat = Chat(model, tokenizer, data_config, model.config.seq_length, max_new_tokens=args.max_new_tokens,
-                temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if (Path(args.checkpoint) / "pixellm.json").is_file():
+        model, processor, sampling = _load_exported(args, temperature)
+        chat = ExportedChat(model, processor, model.config.text_config.max_position_embeddings,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling)
+    else:
+        model, tokenizer, data_config = _load_trained(args)
+        chat = Chat(model, tokenizer, data_config, model.config.seq_length, max_new_tokens=args.max_new_tokens,
+                    temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     answers = []
     for line in turns:
         if not line.strip():
             break
-        stream = TextStream(tokenizer, out)
+        stream = TextStream(chat.tokenizer, out)
         chat.ask(line.strip(), pictures if not answers else [], on_token=stream.on_token)
         answers.append(stream.finish())
     return answers
@@ -356,17 +407,24 @@ def _trained_model(args: GenerateArgs, temperature: float):
     return answer, tokenizer, data_config, model.config.seq_length
 
 
-def _exported_model(args: GenerateArgs, temperature: float):
-    """The same for an export directory, through transformers (nemo_pixellm.hf; sampling draws from torch's
-    global generator seeded with ``seed``, so sampled answers differ from the Megatron model's)."""
-    from nemo_pixellm.hf.pixellm import PixelLMForConditionalGeneration, PixelLMProcessor, TokenStreamer
+def _load_exported(args: GenerateArgs, temperature: float):
+    """(transformers model on args.device, processor, generate()'s sampling arguments) of an export directory."""
+    from nemo_pixellm.hf.pixellm import PixelLMForConditionalGeneration, PixelLMProcessor
 
     model = PixelLMForConditionalGeneration.from_pretrained(args.checkpoint).to(args.device)
-    processor = PixelLMProcessor.from_pretrained(args.checkpoint)
-    tokenizer = processor.tokenizer
     sampling = dict(do_sample=temperature > 0)
     if temperature > 0:
         sampling |= dict(temperature=temperature, top_k=args.top_k or None, top_p=args.top_p)
+    return model, PixelLMProcessor.from_pretrained(args.checkpoint), sampling
+
+
+def _exported_model(args: GenerateArgs, temperature: float):
+    """The same for an export directory, through transformers (nemo_pixellm.hf; sampling draws from torch's
+    global generator seeded with ``seed``, so sampled answers differ from the Megatron model's)."""
+    from nemo_pixellm.hf.pixellm import TokenStreamer
+
+    model, processor, sampling = _load_exported(args, temperature)
+    tokenizer = processor.tokenizer
 
     def answer(prompts, on_token=None):
         inputs = processor.batch(prompts).to(args.device)

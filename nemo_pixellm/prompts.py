@@ -36,5 +36,5 @@ def prompt_from_request(tokenizer, text: str, images: list[Image.Image], data_co
                                                  images_in_sample=len(images)), tokenizer.image_id, image)
                 for image in images]
     turn = chat_segments(tokenizer, [{"from": "human", "value": text}], segments)
-    return prompt_from_sample(Sample("request", turn + [TextSegment([tokenizer.assistant_id], False)], None, tile))
+    return prompt_from_sample(Sample("request", turn + [TextSegment([tokenizer.assistant_id], False)], tile))
 

@@ -217,3 +217,56 @@ def test_shards_with_unsafe_member_names_are_refused(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"samples": 1, "shards": [{"name": "shard-000000.tar", "samples": 1}]}))
     with pytest.raises(ValueError, match="tar member '../outside.json' is an absolute or '..' path"):
         ShardReader(tmp_path)[0]
+
+
+def test_three_image_record_is_untiled_through_the_data_path_and_the_model(tokenizer, model, tmp_path):
+    """A data_prep.vqa record with three images: each becomes one untiled image (DeepSeek-VL2 with 3+ images:
+    the global view and a single 1x1 local view), placed before the question in record order; a two-image
+    record is still tiled by the rule. The sample's prompt is the inference layout of the same request, and the
+    model's logits over it in a training batch equal its logits on that request."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from data_prep import vqa
+    from nemo_pixellm import tiling
+    from nemo_pixellm.generate import prompt_from_request
+    from nemo_pixellm.prompts import prompt_from_sample
+
+    sizes = {"wide.png": (90, 40), "tall.png": (40, 90), "square.png": (56, 56)}
+    for seed, (name, (w, h)) in enumerate(sizes.items()):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(tmp_path / name)
+    rows = [{"images": list(sizes), "question": "Which one is square?", "answer": "the third"},
+            {"images": ["wide.png", "tall.png"], "question": "Which one is wide?", "answer": "the first"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vqa.main(["--input", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "shards")])
+    samples = ShardSamples(tmp_path / "shards", tokenizer, "vqa", max_tiles=4)
+    layout = dict(tile=56, patch=14, downsample=2)
+
+    three, two = samples.sample(0, 56, 160), samples.sample(1, 56, 160)
+    grids = [[s.layout.grid for s in sample.segments if isinstance(s, ImageSegment)] for sample in (three, two)]
+    assert grids == [[(1, 1)] * 3, [tiling.best_grid(90, 40, 56, 4), tiling.best_grid(40, 90, 56, 4)]]
+    assert grids[1] == [(2, 1), (1, 2)]  # tiled by the aspect ratio
+    ids, _, _, views, _ = three.flatten(160)
+    untiled = tiling.image_layout(56, 56, **layout, max_tiles=1)
+    assert len(views) == 3 * 2 and ids.count(tokenizer.image_id) == 3 * untiled.tokens == 39
+    first_text = next(i for i, t in enumerate(ids) if t not in (tokenizer.user_id, tokenizer.image_id))
+    assert ids[1:first_text] == [tokenizer.image_id] * 39  # the images, then the question
+
+    record = samples.reader[0]
+    pictures = [Image.open(io.BytesIO(record[m])) for m in ("jpg", "1.jpg", "2.jpg")]
+    config = type("Layout", (), dict(image_size=56, patch_size=14, downsample=2, max_tiles=4))
+    request = prompt_from_request(tokenizer, "Which one is square?", pictures, config)
+    prompt = prompt_from_sample(three)
+    assert prompt.tokens == request.tokens and prompt.blocks == request.blocks
+    assert torch.equal(prompt.views, request.views) and torch.equal(prompt.grids, request.grids)
+
+    batch = TrainingSequences.collate_fn([build_sequence([(0, three)], 160, tokenizer.pad_id, 56)])
+    n = len(request.tokens)
+    with torch.no_grad():
+        trained = model(batch["tokens"], batch["position_ids"], images=batch["images"], image_grids=batch["image_grids"])
+        asked = model(torch.tensor([request.tokens]), tiling.mrope_positions(request.blocks)[:, None],
+                      images=request.views, image_grids=request.grids)
+    torch.testing.assert_close(trained[:, :n], asked, rtol=1e-5, atol=1e-5)

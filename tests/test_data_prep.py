@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import coco, common, llava, preference, synthetic, text
+from data_prep import coco, common, llava, preference, synthetic, text, vqa
 from nemo_pixellm.data.shards import MANIFEST, ShardReader, write_shards
 from nemo_pixellm.data.synthetic import scene_record
 
@@ -189,6 +189,63 @@ def test_preference_pairs_and_bad_records_skipped_with_reasons(tmp_path):
     assert all(s["bytes"] == (out / s["name"]).stat().st_size for s in manifest["shards"])
 
 
+def vqa_set(root):
+    """A JSONL file in the field layouts of the common VQA exports, with bad entries; returns (file, images dir,
+    the image bytes by name)."""
+    images = root / "images"
+    data = {"a.jpg": save(gradient((60, 40)), images / "a.jpg", "JPEG"),
+            "b.png": save(gradient((30, 50)), images / "b.png", "PNG"),
+            "docs/c.jpg": save(gradient((80, 20)), images / "docs" / "c.jpg", "JPEG"),
+            "d.jpg": save(gradient((40, 40)), images / "d.jpg", "JPEG")}
+    ten = [{"answer": "red", "answer_confidence": "yes", "answer_id": i} for i in range(7)] + \
+          [{"answer": "dark red", "answer_confidence": "maybe", "answer_id": i} for i in range(7, 10)]
+    rows = [
+        {"question_id": 11, "image_id": 1, "image": "a.jpg", "question": "What colour is it?", "answers": ten,
+         "multiple_choice_answer": "red", "question_type": "what color is", "answer_type": "other"},  # VQAv2
+        {"question_id": 12, "image": "a.jpg", "question": "What does it say?",
+         "answers": ["stop"] * 3 + ["STOP"] * 4 + ["go"] * 3},  # TextVQA: answers as strings
+        {"imgname": "b.png", "query": "Which bar is highest?", "label": "B"},  # ChartQA
+        {"questionId": 7, "question": "What is the date?", "answers": ["1999", "1999."], "image": "docs/c.jpg"},  # DocVQA
+        {"id": "m1", "images": ["a.jpg", "b.png", "d.jpg"], "question": "Which picture is square?", "answer": "the third"},
+        {"image": "a.jpg", "answers": ["x"]},  # no question
+        {"image": "a.jpg", "question": "Q?", "answers": []},  # no answer
+        {"question": "Where is the image?", "answer": "nowhere"},  # no image
+        {"image": "missing.jpg", "question": "Q?", "answer": "A"},
+        {"images": ["a.jpg", "missing.jpg"], "question": "Both?", "answer": "no"},
+    ]
+    (root / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "questions.jsonl", images, data
+
+
+def test_vqa_exports_one_sample_per_image_set_with_every_question(tmp_path):
+    questions, images, data = vqa_set(tmp_path)
+    out = tmp_path / "out"
+    manifest = vqa.main(["--input", str(questions), "--images", str(images), "--out", str(out), "--type", "textvqa",
+                         "--shard-size", "2"])
+    reader = ShardReader(out)
+    records = [reader[i] for i in range(len(reader))]
+    metas = [json.loads(r["json"]) for r in records]
+    assert metas == [
+        {"images": ["a.jpg"], "qa": [
+            {"q": "What colour is it?", "a": "red", "answers": ["red"] * 7 + ["dark red"] * 3, "type": "other", "id": 11},
+            {"q": "What does it say?", "a": "stop", "answers": ["stop"] * 3 + ["STOP"] * 4 + ["go"] * 3,
+             "type": "textvqa", "id": 12}]},
+        {"images": ["b.png"], "qa": [{"q": "Which bar is highest?", "a": "B", "answers": ["B"], "type": "textvqa"}]},
+        {"images": ["docs/c.jpg"], "qa": [{"q": "What is the date?", "a": "1999", "answers": ["1999", "1999."],
+                                           "type": "textvqa", "id": 7}]},
+        {"images": ["a.jpg", "b.png", "d.jpg"], "qa": [{"q": "Which picture is square?", "a": "the third",
+                                                        "answers": ["the third"], "type": "textvqa", "id": "m1"}]},
+    ]
+    assert records[0]["jpg"] == data["a.jpg"] and "1.jpg" not in records[0]  # JPEG files are stored as they are
+    assert records[3]["jpg"] == data["a.jpg"] and records[3]["2.jpg"] == data["d.jpg"]
+    assert np.abs(pixels(records[3]["1.jpg"]) - pixels(data["b.png"])).mean() < 3  # PNG re-encoded as JPEG
+    reasons = {s["item"]: s["reason"] for s in manifest["skipped"]}
+    assert reasons == {"line 6": "no question (fields question, query)",
+                       "line 7": "field 'answers' holds no answer",
+                       "line 8": "no image (fields images, image, image_path, imgname, file_name)",
+                       "line 9": "missing image: missing.jpg", "line 10": "missing image: missing.jpg"}
+
+
 def test_two_workers_write_what_one_writes(tmp_path):
     pairs, images, _ = preference_set(tmp_path)
     one, two = run_preference(pairs, images, tmp_path / "one"), run_preference(pairs, images, tmp_path / "two",
@@ -255,6 +312,7 @@ def test_synthetic_cli_matches_write_shards_and_the_generator(tmp_path):
     (llava, ["--data", "{missing}"]),
     (text, ["--input", "{missing}"]),
     (preference, ["--input", "{missing}"]),
+    (vqa, ["--input", "{missing}"]),
 ])
 def test_missing_input_file_is_a_clear_error(tmp_path, capsys, tool, argv):
     argv = [a.format(missing=tmp_path / "nope.json", tmp=tmp_path) for a in argv]

@@ -37,7 +37,8 @@ def picture(width: int, height: int, seed: int) -> Image.Image:
 
 REQUESTS = [("what colour is the square", [picture(90, 60, 1)]),  # 2 x 1 tiles
             ("how many circle", [picture(40, 130, 2), picture(56, 56, 3)]),  # two images, other grids
-            ("what text say", [])]  # text only
+            ("what text say", []),  # text only
+            ("what is the shape left", [picture(90, 60, 4), picture(40, 40, 5), picture(70, 30, 6)])]  # 3: untiled
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,48 @@ def test_generate_cli_reads_an_export(exported, tmp_path):
     with pytest.raises(RequestError, match=r"images .* need 260 positions, more than the model's context of 256"):
         run(GenerateArgs(checkpoint=str(out), prompt="how many", image=files[0] * 20, max_new_tokens=1))
     print("answers:", expected)
+
+
+def test_chat_on_an_export_keeps_its_cache(exported, tmp_path):
+    """chat=true on an export directory: transformers' generate continues the conversation's KV cache; each turn's
+    answer and every step's logits equal the Megatron model's Chat (itself equal to uncached decoding of the whole
+    conversation), and only the new turn's tokens run through the language model."""
+    import io
+
+    from nemo_pixellm.generate import Chat, ExportedChat, GenerateArgs, run
+
+    model, tokenizer, out = exported
+    hf = PixelLMForConditionalGeneration.from_pretrained(out)
+    turns = [("what colour is the square", [picture(90, 60, 1)]), ("how many circle", []),
+             ("what text say", [picture(40, 130, 2)])]
+    our_logits, their_logits, fed = [], [], []
+    ours = Chat(model, tokenizer, LAYOUT, context=256, max_new_tokens=6, scores=our_logits)
+    theirs = ExportedChat(hf, PixelLMProcessor.from_pretrained(out), context=256, max_new_tokens=6)
+    hooks = [hf.language_model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["inputs_embeds"].shape[1]),
+                                                         with_kwargs=True),
+             hf.language_model.register_forward_hook(lambda m, a, output: their_logits.append(output.logits[:, -1]))]
+    answers = []
+    for text, images in turns:
+        fed.clear()
+        pending = len(theirs.tokens) - theirs.cached()
+        answers.append(theirs.ask(text, images))
+        turn = prompt_from_request(tokenizer, text, images, LAYOUT)
+        assert answers[-1] == ours.ask(text, images)
+        assert fed[0] == pending + len(turn.tokens) and set(fed[1:]) <= {1}  # this turn, then one token a step
+    for hook in hooks:
+        hook.remove()
+    assert len(their_logits) == len(our_logits) == sum(len(a) + 1 if len(a) < 6 else 6 for a in answers)
+    for step, (a, b) in enumerate(zip(their_logits, our_logits)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=f"step {step}")
+    assert theirs.tokens == ours.tokens and sum(map(len, answers)) >= 8
+    print("chat answers:", answers)
+    # the CLI: one turn per line, the picture with the first
+    path = tmp_path / "first.png"
+    turns[0][1][0].save(path)
+    streamed = io.StringIO()
+    said = run(GenerateArgs(checkpoint=str(out), chat=True, image=str(path), max_new_tokens=6, greedy=True),
+               out=streamed, turns=[turns[0][0], turns[1][0], ""])
+    assert said == [tokenizer.decode(a).strip() for a in answers[:2]] == streamed.getvalue().split("\n")[:2]
 
 
 def test_an_export_imports_back(exported, megatron_single_process):

@@ -40,7 +40,7 @@ class TextSegment:
 class ImageSegment:
     layout: tiling.ImageLayout
     token_id: int  # the placeholder id each of the image's positions holds (the model puts features there)
-    image: Image.Image | None = field(default=None, compare=False)  # its own picture; None: the sample's
+    image: Image.Image | None = field(default=None, compare=False)  # the picture (None only while planning)
 
     @property
     def tokens(self) -> int:
@@ -52,21 +52,21 @@ Segment = TextSegment | ImageSegment
 
 @dataclass
 class Sample:
-    """One record as the model reads it: its segments in order, and its image (an ImageSegment may carry its
-    own instead: several images in one prompt)."""
+    """One record as the model reads it: its segments in order (each ImageSegment with its picture), cut into
+    ``tile``-pixel views."""
 
     key: str
     segments: list[Segment]
-    image: Image.Image | None = None
     tile: int = 0
 
     def decode(self) -> None:
-        """Decode the image's pixels now (planning read only its header): a corrupt image raises BadRecord."""
-        if self.image is not None:
-            try:
-                self.image.load()
-            except (OSError, SyntaxError, ValueError, EOFError) as error:
-                raise BadRecord(f"{self.key}: corrupt image ({error})") from None
+        """Decode the images' pixels now (planning read only their headers): a corrupt image raises BadRecord."""
+        for segment in self.segments:
+            if isinstance(segment, ImageSegment):
+                try:
+                    segment.image.load()
+                except (OSError, SyntaxError, ValueError, EOFError) as error:
+                    raise BadRecord(f"{self.key}: corrupt image ({error})") from None
 
     @property
     def num_tokens(self) -> int:
@@ -92,8 +92,7 @@ class Sample:
                 ids += [segment.token_id] * layout.tokens
                 carries += [0.0] * layout.tokens
                 blocks += layout.blocks
-                picture = segment.image if segment.image is not None else self.image
-                views += [tiling.to_tensor(v) for v in tiling.tile_image(picture, layout, self.tile)]
+                views += [tiling.to_tensor(v) for v in tiling.tile_image(segment.image, layout, self.tile)]
                 grids.append(layout.grid)
             else:
                 part = segment.ids[:left]
@@ -129,10 +128,10 @@ class ShardSamples:
         tok = self.tokenizer
         if self.task == "text":
             return Sample(key, [TextSegment(tok.encode(meta["text"]) + [tok.eos_id], True)])
-        image = open_image(key, raw["jpg"]) if "jpg" in raw else None
-        if image is None and (self.task != "chat" or any(IMAGE_PLACEHOLDER in t["value"] for t in meta["conversations"])):
+        images = record_images(key, raw, meta)
+        if not images and (self.task != "chat" or any(IMAGE_PLACEHOLDER in t["value"] for t in meta["conversations"])):
             raise BadRecord(f"{key}: missing image (no jpg member)")
-        return self._fit(key, image, tile, max_tokens, lambda layout: self._segments(meta, index, layout))
+        return self._fit(key, images, tile, max_tokens, lambda images: self._segments(meta, index, images))
 
     def pair(self, index: int, tile: int, max_tokens: int, rng) -> tuple[Sample, Sample]:
         """(chosen, rejected) samples of one prompt: a preference record's own answers (data_prep.preference:
@@ -146,14 +145,14 @@ class ShardSamples:
         else:
             qa = meta["qa"][index // len(self.reader) % len(meta["qa"])]
             question, answers = qa["q"], (qa["a"], distractor(qa, rng))
-        image = open_image(key, raw["jpg"]) if "jpg" in raw else None
+        images = record_images(key, raw, meta)
         tok = self.tokenizer
 
         def segments(answer):
             turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-            return lambda layout: chat_segments(tok, turns, [ImageSegment(layout, tok.image_id)] if layout else [])
+            return lambda images: chat_segments(tok, turns, images)
 
-        chosen, rejected = (self._fit(key, image, tile, max_tokens, segments(a)) for a in answers)
+        chosen, rejected = (self._fit(key, images, tile, max_tokens, segments(a)) for a in answers)
         return chosen, rejected
 
     def _record(self, index: int, task: str) -> tuple[str, dict, dict]:
@@ -168,31 +167,32 @@ class ShardSamples:
             raise BadRecord(f"{key}: malformed record ({error})") from None
         return key, raw, meta
 
-    def _fit(self, key: str, image, tile: int, max_tokens: int, segments_for) -> Sample:
-        # Fewer tiles when the full tiling leaves no room for the text (DeepSeek-VL2 would truncate).
+    def _fit(self, key: str, images: list, tile: int, max_tokens: int, segments_for) -> Sample:
+        """``segments_for(image segments)`` laid out with the full tiling, or with fewer tiles when that leaves
+        no room for the text (DeepSeek-VL2 would truncate); 3+ images are never tiled (tiling.image_layout)."""
         for max_tiles in dict.fromkeys((self.max_tiles, min(self.max_tiles, 1), 0)):
-            layout = None if image is None else tiling.image_layout(
-                *image.size, tile=tile, patch=self.patch_size, downsample=self.downsample, max_tiles=max_tiles)
+            segments = [ImageSegment(tiling.image_layout(*image.size, tile=tile, patch=self.patch_size,
+                                                         downsample=self.downsample, max_tiles=max_tiles,
+                                                         images_in_sample=len(images)), self.tokenizer.image_id, image)
+                        for image in images]
             try:
-                segments = segments_for(layout)
-            except ValueError as error:  # more <image> placeholders than the record's one image
+                sample = Sample(key, segments_for(segments), tile)
+            except ValueError as error:  # more <image> placeholders than the record's images
                 raise BadRecord(f"{key}: {error}") from None
-            sample = Sample(key, segments, image, tile)
             if sample.prompt_tokens < max_tokens:
                 break
         return sample
 
-    def _segments(self, meta: dict, index: int, layout) -> list[Segment]:
+    def _segments(self, meta: dict, index: int, images: list[ImageSegment]) -> list[Segment]:
         tok = self.tokenizer
-        image = ImageSegment(layout, tok.image_id)
         if self.task == "caption":
-            return [image, TextSegment(tok.encode(meta["caption"]) + [tok.eos_id], True)]
-        if self.task == "vqa":
+            return images + [TextSegment(tok.encode(meta["caption"]) + [tok.eos_id], True)]
+        if self.task == "vqa":  # the images go before the question unless it places them with <image>
             qa = meta["qa"][index // len(self.reader) % len(meta["qa"])]
-            turns = [{"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + qa["q"]}, {"from": "gpt", "value": qa["a"]}]
+            turns = [{"from": "human", "value": qa["q"]}, {"from": "gpt", "value": qa["a"]}]
         else:
             turns = meta["conversations"]
-        return chat_segments(tok, turns, [image] if layout is not None else [])
+        return chat_segments(tok, turns, images)
 
 
 # The field each task reads: (name, type, the string fields of each entry of a list).
@@ -238,6 +238,23 @@ def open_image(key: str, data: bytes) -> Image.Image:
     if end is not None and end not in data[-64:]:
         raise BadRecord(f"{key}: truncated {image.format} image ({len(data)} bytes, no end marker)")
     return image
+
+
+def image_member(number: int) -> str:
+    """The shard member that holds a record's image ``number``: ``jpg``, then ``1.jpg``, ``2.jpg``, ..."""
+    return "jpg" if number == 0 else f"{number}.jpg"
+
+
+def record_images(key: str, raw: dict, meta: dict) -> list[Image.Image]:
+    """The record's images in order (headers read); as many as its json's ``images`` list names, when it has one."""
+    images = []
+    while image_member(len(images)) in raw:
+        images.append(open_image(key, raw[image_member(len(images))]))
+    listed = meta.get("images")
+    if isinstance(listed, list) and len(listed) != len(images):
+        raise BadRecord(f"{key}: the record lists {len(listed)} images and holds {len(images)} "
+                        f"({', '.join(image_member(i) for i in range(len(images))) or 'no image members'})")
+    return images
 
 
 def chat_segments(tok: PixelTokenizer, turns: list[dict], images: list[ImageSegment]) -> list[Segment]:

@@ -203,7 +203,7 @@ class PixelLMProcessor:
         for row, prompt in enumerate(prompts):
             pad = length - len(prompt.tokens)
             ids[row, pad:], mask[row, pad:] = torch.tensor(prompt.tokens), 1
-            positions[:, row, pad:] = tiling.mrope_positions(prompt.blocks)
+            positions[:, row, pad:] = tiling.mrope_positions(prompt.blocks, start=prompt.start)
         return BatchFeature({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                              "pixel_values": torch.cat([p.views for p in prompts]),
                              "image_grids": torch.cat([p.grids for p in prompts])})
