@@ -27,6 +27,7 @@ from nemo_pixellm import compat
 compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
 
 from nemo_pixellm.data import sources  # noqa: E402
+from nemo_pixellm.training.checkpoints import iteration_dir  # noqa: E402
 from nemo_pixellm.vqa_score import normalize_answer, vqa_score  # noqa: E402
 
 
@@ -43,16 +44,6 @@ class EvalArgs:
     top_p: float = 1.0
     use_cache: bool = True  # MLA latent KV cache (1 process); false reruns the sequence per token
     data: str | None = None  # VQA shards to ask instead of the checkpoint's held-out split
-
-
-def iteration_dir(checkpoint: str) -> Path:
-    path = Path(checkpoint)
-    latest = path / "latest_checkpointed_iteration.txt"
-    if latest.is_file():
-        return path / f"iter_{int(latest.read_text()):07d}"
-    if path.name.startswith("iter_") and path.is_dir():
-        return path
-    raise FileNotFoundError(f"{path} is not a checkpoint (no latest_checkpointed_iteration.txt): give a checkpoint.save dir")
 
 
 def load(checkpoint: str):

@@ -160,3 +160,14 @@ def test_cli_rejects_bad_config_before_training(cache_dir, tmp_path):
     bad_variant = run_train(["+stage=stage2", "variant=kilopixel"], cache_dir, check=False, timeout=300)
     assert bad_variant.returncode != 0
     assert "variant/kilopixel" in bad_variant.stderr  # Hydra lists the available variants
+
+
+@pytest.mark.slow
+def test_init_from_a_checkpoint_of_another_model_is_refused(trained_checkpoint):
+    """stage.init_from of a checkpoint trained as another model (here: a wider tiny) is refused before any step,
+    naming what differs; the model it was trained as passes."""
+    same = ["+stage=stage3", f"stage.init_from={trained_checkpoint}", "dataset.image_size=112", "dataset.max_tiles=4"]
+    assert build_config(compose_cfg(same), world_size=1).checkpoint.pretrained_checkpoint == str(trained_checkpoint)
+    with pytest.raises(ConfigError, match=r"stage.init_from=.* holds another model \(hidden_size 64 there, 128 here; "
+                                          r"num_layers 2 there, 3 here\): choose the variant"):
+        build_config(compose_cfg([*same, "model.hidden_size=128", "model.num_layers=3"]), world_size=1)

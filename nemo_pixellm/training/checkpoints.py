@@ -24,6 +24,16 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint save that did not complete; the previous checkpoint is intact."""
 
 
+def iteration_dir(checkpoint) -> Path:
+    path = Path(checkpoint)
+    latest = path / "latest_checkpointed_iteration.txt"
+    if latest.is_file():
+        return path / f"iter_{int(latest.read_text()):07d}"
+    if path.name.startswith("iter_") and path.is_dir():
+        return path
+    raise FileNotFoundError(f"{path} is not a checkpoint (no latest_checkpointed_iteration.txt): give a checkpoint.save dir")
+
+
 def _train_state_step(path: Path) -> int | None:
     try:
         return int(torch.load(path, weights_only=True)["step"])

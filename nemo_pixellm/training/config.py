@@ -33,6 +33,7 @@ from nemo_pixellm.models.provider import PixelLMProvider
 from nemo_pixellm.preference import check_stage4
 from nemo_pixellm.training.validate import (
     ConfigError,
+    check_same_model,
     validate_data,
     validate_layout,
     validate_model_keys,
@@ -121,6 +122,8 @@ def build_config(cfg: DictConfig, world_size: int | None = None, init_from_pendi
         vision_patch_size=dataset.patch_size,
         projector_downsample=dataset.downsample,
     )
+    if stage.get("init_from") and not init_from_pending:
+        check_same_model(stage.init_from, model)
     cpu = not torch.cuda.is_available()
     if cpu:
         model.disable_cuda_fusions()

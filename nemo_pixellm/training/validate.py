@@ -116,6 +116,31 @@ def validate_stage(stage) -> None:
                               "that stage has finished")
 
 
+# What makes two PixelLM models different models (the provider's fields; vision ones only where both have them).
+ARCHITECTURE = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "num_moe_experts",
+                "moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_intermediate_size", "q_lora_rank",
+                "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "vocab_size", "vision_hidden_size",
+                "vision_num_layers", "vision_num_attention_heads", "vision_ffn_hidden_size", "projector_ffn_hidden_size")
+
+
+def check_same_model(init_from, model) -> None:
+    """Refuse ``stage.init_from`` when its checkpoint was trained as another model (another variant or size),
+    before any step, naming the fields that differ (the loader would fail later on the first tensor)."""
+    from megatron.bridge.training.checkpointing import get_checkpoint_run_config_filename, read_run_config
+
+    from nemo_pixellm.training.checkpoints import iteration_dir
+
+    run_config = Path(get_checkpoint_run_config_filename(str(iteration_dir(init_from))))
+    if not run_config.is_file():  # not written by a Bridge run: the loader names what is missing
+        return
+    saved = read_run_config(str(run_config)).get("model", {})
+    differ = [f"{name} {saved[name]} there, {getattr(model, name)} here" for name in ARCHITECTURE
+              if name in saved and hasattr(model, name) and saved[name] != getattr(model, name)]
+    if differ:
+        raise ConfigError(f"stage.init_from={init_from} holds another model ({'; '.join(differ)}): choose the variant "
+                          "and model.* sizes it was trained with, or start without stage.init_from")
+
+
 def validate_run(cfg, container) -> None:
     """Keys that only make sense together, and precision the backend can run."""
     m = container.model
