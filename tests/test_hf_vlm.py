@@ -170,9 +170,10 @@ def test_chat_on_an_export_keeps_its_cache(exported, tmp_path):
     assert said == [tokenizer.decode(a).strip() for a in answers[:2]] == streamed.getvalue().split("\n")[:2]
 
 
-def test_an_export_imports_back(exported, megatron_single_process):
+def test_an_export_imports_back(exported, megatron_single_process, tmp_path):
     """model.pretrained_export_path=<export dir> starts the whole Megatron VLM from an export: every tensor equals
-    the exported model's (from another seed's start); a misfit is refused naming the tensor or the key."""
+    the exported model's (from another seed's start), and exporting it again writes the same bytes; a misfit is
+    refused naming the tensor or the key."""
     model, tokenizer, out = exported
     sizes = dict(vocab_size=64, seq_length=256, image_token_id=tokenizer.image_id, **TINY_LM, **TINY_VISION_56)
     back = build_pixellm(megatron_single_process, seed=99, pretrained_export_path=str(out), **sizes)
@@ -180,6 +181,10 @@ def test_an_export_imports_back(exported, megatron_single_process):
     assert set(ours) == set(theirs)
     differ = [k for k in theirs if not k.endswith("_extra_state") and not torch.equal(ours[k], theirs[k])]
     assert not differ, differ
+    export_model(back, tmp_path / "again", tokenizer, LAYOUT)  # export -> import -> export
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
+    assert [f for f in files if (out / f).read_bytes() != (tmp_path / "again" / f).read_bytes()] == []
     with pytest.raises(ValueError, match=r"projector.safetensors: mlp.encoder.linear_fc1.\w+ has the shape \(64.*, the "
                                          r"projector's is \(48.*model.projector_ffn_hidden_size"):
         build_pixellm(megatron_single_process, pretrained_export_path=str(out), projector_ffn_hidden_size=48, **sizes)
