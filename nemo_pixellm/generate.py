@@ -23,6 +23,7 @@ and max_tiles; DeepSeek-VL2's rule: no tiling with 3 or more images); no image: 
 import contextlib
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,19 +320,23 @@ def run(args: GenerateArgs, out=sys.stdout, turns=None) -> list[str]:
         except ValueError as error:  # placeholders vs images
             raise RequestError(f"prompt {request['prompt']!r}: {error}") from None
         check_context(request, prompts[-1], tokenizer.image_id, args.max_new_tokens, context)
-    answers = []
+    answers, decoded, began = [], 0, time.perf_counter()
     if not args.requests:  # one request: stream the answer as it is decoded
         stream = TextStream(tokenizer, out)
         answer(prompts, on_token=stream.on_token)
-        return [stream.finish()]
-    for start in range(0, len(prompts), args.batch_size):
+        answers, decoded = [stream.finish()], len(stream.said)
+    for start in range(0, len(prompts) if args.requests else 0, args.batch_size):
         batch = prompts[start:start + args.batch_size]
         for offset, tokens in enumerate(answer(batch)):
             request = requests[start + offset]
             answers.append(tokenizer.decode(tokens).strip())
+            decoded += len(tokens)
             out.write(json.dumps({"prompt": request["prompt"], "images": request["images"],
                                   "answer": answers[-1]}) + "\n")
             out.flush()
+    seconds = time.perf_counter() - began
+    print(f"[generate] {decoded} new tokens for {len(prompts)} prompt(s) in {seconds:.2f} s: "
+          f"{decoded / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr, flush=True)
     return answers
 
 

@@ -72,3 +72,55 @@ def test_evaluate_reads_a_real_format_vqa_file(trained_checkpoint, cache_dir, tm
         print(printed[printed.index("type "):])
     assert report["data"] == str(tmp_path / "shards") and "caption_loss" not in report
     assert report["vqa"]["all"] == {"n": len(rows), "accuracy": pytest.approx(sum(r["score"] for r in real) / len(rows))}
+
+
+@pytest.mark.slow
+def test_generate_on_a_drawn_scene_answers_as_evaluate_does(trained_checkpoint, cache_dir, tmp_path, monkeypatch, capsys):
+    """A synthetic scene (known answers) drawn by the test and saved as PNG: `generate` with the image file and
+    each of its questions gives evaluate's answer to the same question on the same picture; a 1000x300 photo-like
+    image is tiled by the rule and answered; the tokens/s figure is printed."""
+    import numpy as np
+    from PIL import Image
+
+    from nemo_pixellm import evaluate as evaluation
+    from nemo_pixellm import tiling
+    from nemo_pixellm.data import sources
+    from nemo_pixellm.data.shards import write_shards
+    from nemo_pixellm.data.synthetic import render_scene
+    from nemo_pixellm.generate import GenerateArgs, open_request_image, prompt_from_request, run
+
+    monkeypatch.setenv("NEMO_PIXELLM_CACHE", str(cache_dir))
+    model, data_config, _ = evaluation.load(str(trained_checkpoint))
+    scene = render_scene(seed=4321, index=3, size=data_config.image_size * 2)
+    scene.image.save(tmp_path / "scene.png")
+    png = (tmp_path / "scene.png").read_bytes()
+    write_shards([{"__key__": "scene", "jpg": png, "json": json.dumps({"qa": scene.qa}).encode()}], tmp_path / "shards",
+                 shard_size=1)
+    asked = evaluation.ask_questions(model, data_config, sources.load_tokenizer(data_config),
+                                     evaluation.EvalArgs(checkpoint=str(trained_checkpoint), samples=1,
+                                                         data=str(tmp_path / "shards")))
+    (tmp_path / "asks.jsonl").write_text("".join(json.dumps({"prompt": qa["q"], "images": [str(tmp_path / "scene.png")]})
+                                                 + "\n" for qa in scene.qa))
+    said = run(GenerateArgs(checkpoint=str(trained_checkpoint), requests=str(tmp_path / "asks.jsonl"),
+                            max_new_tokens=6, ema=False))
+    assert said == [r["said"] for r in asked] and len(said) == len(scene.qa) >= 3
+    right = sum(r["score"] for r in asked)
+    assert "tokens/s" in capsys.readouterr().err
+
+    rng = np.random.default_rng(0)  # a photo-like wide picture: smooth gradients and noise
+    x = np.linspace(0, 1, 1000)[None, :, None]
+    y = np.linspace(0, 1, 300)[:, None, None]
+    photo = (255 * np.clip(np.concatenate(np.broadcast_arrays(x, y, 1 - x * y), -1) + 0.05 * rng.standard_normal((300, 1000, 3)), 0, 1))
+    Image.fromarray(photo.astype(np.uint8)).save(tmp_path / "photo.jpg")
+    prompt = prompt_from_request(sources.load_tokenizer(data_config), "What is in the picture?",
+                                 [open_request_image(str(tmp_path / "photo.jpg"))], data_config)
+    layout = tiling.image_layout(1000, 300, tile=data_config.image_size, max_tiles=data_config.max_tiles)
+    assert layout.grid == tiling.best_grid(1000, 300, data_config.image_size, data_config.max_tiles) == (4, 1)
+    assert prompt.views.shape[0] == layout.views == 5 and prompt.tokens.count(model.image_token_id) == layout.tokens
+    answer = run(GenerateArgs(checkpoint=str(trained_checkpoint), prompt="What is in the picture?",
+                              image=str(tmp_path / "photo.jpg"), max_new_tokens=6, greedy=True, ema=False))
+    printed = capsys.readouterr()
+    assert printed.out.strip() == answer[0] and "tokens/s" in printed.err
+    with capsys.disabled():
+        print(f"\nscene: {len(said)} questions, generate = evaluate on each, {right:.0f} right; "
+              f"1000x300 photo {layout.grid} tiles -> {answer[0]!r}; {printed.err.strip().splitlines()[-1]}")
