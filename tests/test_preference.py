@@ -205,3 +205,63 @@ def test_malformed_preference_records_are_skipped_and_counted(cache_dir, tmp_pat
         assert (item["chosen"]["tokens"] != item["rejected"]["tokens"]).any()
     assert any("malformed record" in r for r in reasons)
     assert any("chosen, rejected" in r for r in reasons)
+
+
+def test_rejected_answer_is_the_model_s_mistake_else_a_distractor():
+    import random
+
+    from nemo_pixellm.preference.pairs import rejected_answer
+
+    qa = {"type": "colour", "q": "What colour is the circle?", "a": "red"}
+    assert rejected_answer(" blue ", qa, random.Random(0)) == ("blue", "model")
+    for right_or_empty in ("red", " Red.", ""):  # a right answer (after VQA normalisation) or none: a distractor
+        rejected, source = rejected_answer(right_or_empty, qa, random.Random(0))
+        assert source == "distractor" and rejected != "red" and rejected in ("blue", "green", "yellow", "purple",
+                                                                              "orange", "white", "black", "grey")
+
+
+@pytest.mark.slow
+def test_dpo_pairs_from_the_model_s_own_answers(trained_checkpoint, cache_dir, tmp_path, monkeypatch):
+    """python -m nemo_pixellm.preference.pairs: each pair's rejected answer is the stage-3 model's greedy answer
+    to that question (decoded again here without the cache) when wrong; the shards pass stage 4's data check
+    and read back as pairs whose answer tokens are the chosen and rejected answers."""
+    import json
+
+    from nemo_pixellm.data import sources
+    from nemo_pixellm.data.samples import ShardSamples
+    from nemo_pixellm.data.shards import ShardReader
+    from nemo_pixellm.evaluate import load
+    from nemo_pixellm.generate import prompt_from_sample
+    from nemo_pixellm.preference.pairs import PairArgs, build_pairs, main
+    from nemo_pixellm.training.config import build_config
+
+    monkeypatch.setenv("NEMO_PIXELLM_CACHE", str(cache_dir))
+    summary = build_pairs(PairArgs(checkpoint=str(trained_checkpoint), out=str(tmp_path / "pairs"), samples=3))
+    print(summary)
+    model, data_config, _ = load(str(trained_checkpoint))
+    tokenizer = sources.load_tokenizer(data_config)
+    train = ShardSamples(sources.data_paths(data_config)[0], tokenizer, "vqa", max_tiles=data_config.max_tiles)
+    reader = ShardReader(tmp_path / "pairs")
+    metas = [json.loads(reader[i]["json"]) for i in range(len(reader))]
+    asked = [(r, q) for r in range(3) for q in range(len(json.loads(train.reader[r]["json"])["qa"]))]
+    assert len(metas) == len(asked) == summary["pairs"]
+    assert summary["rejected_from_model"] + summary["rejected_from_distractor"] == summary["pairs"]
+    assert summary["rejected_from_model"] > 0
+    for meta, (record, number), i in zip(metas, asked, range(len(metas))):
+        sample = train.sample(number * len(train) + record, data_config.image_size, data_config.seq_length)
+        said = tokenizer.decode(generate(model, [prompt_from_sample(sample)], tokenizer.eos_id, tokenizer.pad_id,
+                                         max_new_tokens=6, use_cache=False)[0]).strip()
+        qa = json.loads(train.reader[record]["json"])["qa"][number]
+        assert (meta["question"], meta["chosen"], meta["type"]) == (qa["q"], qa["a"], qa["type"])
+        assert meta["rejected"] == said if meta["rejected_from"] == "model" else said in ("", qa["a"])
+        assert reader[i]["jpg"] == train.reader[record]["jpg"]
+    cfg = compose_cfg(["+stage=stage4", "stage.algorithm=dpo", f"stage.init_from={trained_checkpoint}",
+                       f"dataset.path={tmp_path / 'pairs'}", "dataset.image_size=112", "dataset.max_tiles=4"])
+    assert build_config(cfg, world_size=1).dataset.task == "preference"
+    pairs = ShardSamples(tmp_path / "pairs", tokenizer, "preference", max_tiles=4)
+    chosen, rejected = pairs.pair(0, 112, 128, rng=None)
+    answer = lambda s: tokenizer.decode(s.segments[-1].ids[:-1]).strip()  # noqa: E731 (without the end token)
+    assert (answer(chosen), answer(rejected)) == (metas[0]["chosen"], metas[0]["rejected"])
+    with pytest.raises(SystemExit):  # an output directory that holds something is left alone
+        main([f"checkpoint={trained_checkpoint}", f"out={tmp_path / 'pairs'}"])
+    assert len(ShardReader(tmp_path / "pairs")) == len(metas)

@@ -101,6 +101,8 @@ def build_config(cfg: DictConfig, world_size: int | None = None, init_from_pendi
     sections = {name: _section(cfg, name) for name in SECTIONS}
 
     dataset = PixelLMDataConfig(**sections["dataset"])
+    if stage.name == "stage4" and stage.get("algorithm") == "dpo":
+        dataset.task = "preference"  # DPO reads pairs whatever dataset.task says: check the shards for pairs
     validate_data(dataset)
     validate_stage(stage)
     model_values = sections["model"]
