@@ -126,6 +126,35 @@ def test_grpo_resumes_exactly(grpo_run, trained_checkpoint, cache_dir, tmp_path)
 
 
 @pytest.mark.slow
+def test_grpo_updates_per_rollout_sample_with_the_cycle_s_first_weights(trained_checkpoint, cache_dir, tmp_path):
+    """stage.updates_per_rollout=2: step 2 samples with step 1's starting weights (pi_old, saved with the step-1
+    checkpoint, which lies inside the cycle), so its ratio leaves 1 while pi_old's training log-probs still equal
+    the sampler's; a resume from step 1 continues the cycle bit-exactly."""
+    straight = tmp_path / "straight"
+    run_train([*GRPO, f"stage.init_from={trained_checkpoint}", "train.train_iters=2", "checkpoint.save_interval=1",
+               "stage.updates_per_rollout=2", f"checkpoint.save={straight / 'checkpoints'}",
+               f"run_dir={straight / 'run'}"], cache_dir)
+    rows = metrics(straight / "run")
+    print({k: [r[k] for r in rows] for k in ("ratio", "clip_fraction", "kl", "logprob_gap")})
+    assert rows[0]["ratio"] == 1.0 and rows[0]["clip_fraction"] == 0.0  # the policy is pi_old
+    assert abs(rows[1]["ratio"] - 1.0) > 1e-3 and rows[1]["logprob_gap"] <= 1e-5  # pi_old sampled step 2
+    saved = torch.load(straight / "checkpoints" / "iter_0000001" / "rollout_policy_rank00000.pt", weights_only=True)
+    reference = torch.load(straight / "checkpoints" / "reference" / "rank00000.pt", weights_only=True)
+    assert set(saved) == set(reference) and all(torch.equal(saved[n], reference[n]) for n in saved)  # first cycle
+    assert not (straight / "checkpoints" / "iter_0000002" / "rollout_policy_rank00000.pt").exists()  # a cycle ends
+
+    run_train([*GRPO, f"stage.init_from={trained_checkpoint}", "train.train_iters=2", "stage.updates_per_rollout=2",
+               f"checkpoint.load={straight / 'checkpoints'}", "+checkpoint.ckpt_step=1", "+checkpoint.load_optim=false",
+               f"checkpoint.save={tmp_path / 'checkpoints'}", f"run_dir={tmp_path / 'run'}"], cache_dir)
+    resumed = metrics(tmp_path / "run")
+    for key in ("loss", "samples", *GRPO_METRICS):
+        assert resumed[0][key] == rows[1][key], key
+    ours, theirs = checkpoint_at(tmp_path / "checkpoints", 2, tmp_path), checkpoint_at(straight / "checkpoints", 2, tmp_path)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+@pytest.mark.slow
 def test_grpo_step_on_two_processes_equals_one(grpo_run, trained_checkpoint, cache_dir, tmp_path):
     """DP=2 with EP=2: each rank samples half of the questions (the experts split between the ranks); the
     step's figures and the updated weights equal the 1-process step."""
@@ -167,6 +196,7 @@ def test_dpo_starts_at_ln2_and_reports_heldout_accuracy(trained_checkpoint, cach
     (["stage.generations=3", "stage.init_from={ckpt}"], "train.global_batch_size=32 .* multiple of stage.generations=3"),
     (["model.pipeline_model_parallel_size=2", "stage.init_from={ckpt}"], "pipeline_model_parallel_size=1"),
     (["model.calculate_per_token_loss=false", "stage.init_from={ckpt}"], "calculate_per_token_loss=true"),
+    (["stage.updates_per_rollout=0", "stage.init_from={ckpt}"], "stage.updates_per_rollout=0: give the optimizer steps"),
 ])
 def test_bad_stage4_settings_are_refused(overrides, message, cache_dir, tmp_path, monkeypatch):
     from nemo_pixellm.training.config import build_config

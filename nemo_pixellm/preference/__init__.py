@@ -40,6 +40,10 @@ def check_stage4(stage, train, model, data, init_from_pending: bool = False) -> 
                                   f"groups: make it a multiple of stage.generations={generations}")
         if not 0 <= float(stage.format_reward) <= 1:
             raise ConfigError(f"stage.format_reward={stage.format_reward}: give the format term's share in [0, 1]")
+        updates = stage.get("updates_per_rollout", 1)
+        if not isinstance(updates, int) or updates < 1:
+            raise ConfigError(f"stage.updates_per_rollout={updates}: give the optimizer steps per rollout policy, an "
+                              "integer >= 1 (1: every step samples with its own weights)")
         if not 0 < float(stage.epsilon) < 1:
             raise ConfigError(f"stage.epsilon={stage.epsilon}: give the ratio clip in (0, 1), e.g. 0.2")
         if data.task != "vqa":
@@ -56,7 +60,7 @@ def stage4_step(cfg, container, run_state, tokenizer):
     """(forward step, callbacks) for ``cfg.stage.algorithm``."""
     from nemo_pixellm.preference.dpo import DPOStep
     from nemo_pixellm.preference.grpo import GRPOSettings, GRPOStep
-    from nemo_pixellm.preference.reference import ReferenceWeights
+    from nemo_pixellm.preference.reference import ReferenceWeights, RolloutPolicy
 
     reference = ReferenceWeights()
     stage, m = cfg.stage, container.model
@@ -66,5 +70,8 @@ def stage4_step(cfg, container, run_state, tokenizer):
         generations=int(stage.generations), epsilon=float(stage.epsilon), beta=beta(stage),
         max_new_tokens=int(stage.max_new_tokens), format_weight=float(stage.format_reward), seq_length=container.dataset.seq_length, seed=container.rng.seed,
         use_cache=m.tensor_model_parallel_size == 1, all_steps=m.expert_model_parallel_size > 1,
+        updates_per_rollout=int(stage.get("updates_per_rollout", 1)),
     )
-    return GRPOStep(run_state, settings, reference, tokenizer), [reference]
+    rollout_policy = RolloutPolicy(settings.updates_per_rollout) if settings.updates_per_rollout > 1 else None
+    step = GRPOStep(run_state, settings, reference, tokenizer, rollout_policy)
+    return step, [reference] + ([rollout_policy] if rollout_policy else [])

@@ -3,13 +3,17 @@ per prompt with the current weights (temperature 1, MLA's latent cache), score t
 the scores into leave-one-out group advantages, and return the clipped policy loss + beta * KL to the
 reference policy over the answer tokens.
 
-One optimizer step per rollout batch (NeMo-RL's default: train_global_batch_size = prompts x generations):
-every micro-batch of a step samples with the weights of that step, so pi_old is the policy itself and the
-ratio is 1 in value (its gradient is the policy gradient). The loss is a sum over answer tokens; with
+One optimizer step per rollout policy by default (NeMo-RL's default: train_global_batch_size = prompts x
+generations): every micro-batch of a step samples with the weights of that step, so pi_old is the policy
+itself and the ratio is 1 in value (its gradient is the policy gradient). ``updates_per_rollout`` = k > 1
+takes k optimizer steps per rollout policy (NeMo-RL's rollout batch of k train batches): the steps of a cycle
+sample with the weights of its first step (``RolloutPolicy``, swapped in), whose log-probs are pi_old, and
+the ratio moves away from 1 as the policy does; the clip bounds it. The loss is a sum over answer tokens; with
 ``calculate_per_token_loss`` Megatron divides the gradients by the answer tokens of the whole global batch.
 Rollouts run the plugin's own decoding (``nemo_pixellm.generate``) on the very modules being trained.
 """
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,7 +23,7 @@ from megatron.core.utils import unwrap_model
 
 from nemo_pixellm.generate import generate
 from nemo_pixellm.preference.losses import clipped_policy_loss, group_advantages
-from nemo_pixellm.preference.reference import ReferenceWeights, eval_mode
+from nemo_pixellm.preference.reference import ReferenceWeights, RolloutPolicy, eval_mode
 from nemo_pixellm.preference.rollouts import answer_seeds, reward, rollout_batch
 from nemo_pixellm.training.run_state import RunState
 
@@ -35,6 +39,7 @@ class GRPOSettings:
     seed: int = 1234
     use_cache: bool = True  # MLA latent cache for rollouts (tensor-parallel size 1)
     all_steps: bool = False  # decode max_new_tokens steps whatever the answers (expert parallel)
+    updates_per_rollout: int = 1  # optimizer steps per rollout policy (k)
 
 
 def _answer_log_softmax(scores: list[torch.Tensor], answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,17 +66,21 @@ def answer_entropy(scores: list[torch.Tensor], answers: list[list[int]]) -> torc
 
 
 class GRPOStep:
-    def __init__(self, run_state: RunState, settings: GRPOSettings, reference: ReferenceWeights, tokenizer):
+    def __init__(self, run_state: RunState, settings: GRPOSettings, reference: ReferenceWeights, tokenizer,
+                 rollout_policy: RolloutPolicy | None = None):
         self.run_state, self.settings, self.reference, self.tokenizer = run_state, settings, reference, tokenizer
+        self.rollout_policy = rollout_policy  # None: the policy itself samples (updates_per_rollout 1)
 
-    def rollouts(self, model_chunk, groups) -> dict:
-        """Sample, score and lay out the micro-batch's answers; reference log-probs of the answer tokens."""
+    def rollouts(self, model_chunk, groups, old_policy: bool = False) -> dict:
+        """Sample, score and lay out the micro-batch's answers; reference log-probs of the answer tokens.
+        ``old_policy``: sample with the rollout policy's snapshot and score the answers' old log-probs with it."""
         s, tok, G = self.settings, self.tokenizer, self.settings.generations
         prompts = [group.prompt for group in groups for _ in range(G)]
         seeds = [seed for group in groups for seed in answer_seeds(s.seed, group.group, G)]
         scores: list[torch.Tensor] = []
         module = unwrap_model(model_chunk)
-        with eval_mode(module):
+        sampler = self.rollout_policy.swapped_in(model_chunk) if old_policy else contextlib.nullcontext()
+        with eval_mode(module), sampler:
             said = generate(module, prompts, tok.eos_id, tok.pad_id, s.max_new_tokens, temperature=1.0, seed=seeds,
                             use_cache=s.use_cache, scores=scores, all_steps=s.all_steps)
         ended = [len(out) < s.max_new_tokens for out in said]  # an answer that ended carries its end token
@@ -82,16 +91,20 @@ class GRPOStep:
         batch = rollout_batch(prompts, answers, s.seq_length, tok.pad_id)
         device = next(model_chunk.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        with eval_mode(module), self.reference.swapped_in(model_chunk):
-            reference = -model_chunk(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                                     labels=batch["labels"], images=batch["images"],
-                                     image_grids=batch["image_grids"]).float()
+        def logprobs_with(weights):
+            with eval_mode(module), weights.swapped_in(model_chunk):
+                return -model_chunk(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                                    labels=batch["labels"], images=batch["images"],
+                                    image_grids=batch["image_grids"]).float()
+
+        reference = logprobs_with(self.reference)
+        old = {"old_logprobs": logprobs_with(self.rollout_policy)} if old_policy else {}
         rollout_logprobs = torch.zeros_like(batch["loss_mask"])
         for row, logprobs in enumerate(answer_logprobs(scores, answers)):
             start = len(prompts[row].tokens) - 1
             rollout_logprobs[row, start:start + len(logprobs)] = logprobs.to(device)
         grouped = rewards.view(len(groups), G)
-        return {**batch, "reference_logprobs": reference, "rollout_logprobs": rollout_logprobs,
+        return {**batch, **old, "reference_logprobs": reference, "rollout_logprobs": rollout_logprobs,
                 "rewards": rewards.to(device), "advantages": group_advantages(grouped).view(-1).to(device),
                 "signal": (grouped.max(dim=1).values > grouped.min(dim=1).values).float().to(device),
                 "entropy": answer_entropy(scores, answers).to(device)}
@@ -103,7 +116,8 @@ class GRPOStep:
         for group in groups:
             self.run_state.sample_keys.append(group.key)
             self.run_state.skipped.extend(group.skipped)
-        batch = self.rollouts(model, groups)
+        old_policy = self.rollout_policy is not None and not self.rollout_policy.is_current(state.train_state.step)
+        batch = self.rollouts(model, groups, old_policy)
         timers("batch-generator").stop()
         output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], labels=batch["labels"],
                        images=batch["images"], image_grids=batch["image_grids"])
@@ -112,7 +126,8 @@ class GRPOStep:
     def loss(self, batch: dict, output_tensor: torch.Tensor):
         mask = batch["loss_mask"]
         logprobs = -output_tensor.float()
-        terms = clipped_policy_loss(logprobs, logprobs.detach(), batch["reference_logprobs"], batch["advantages"],
+        old = batch.get("old_logprobs", logprobs.detach())  # pi_old: the rollout policy's, else the policy's own
+        terms = clipped_policy_loss(logprobs, old, batch["reference_logprobs"], batch["advantages"],
                                     mask, self.settings.epsilon, self.settings.beta)
         loss = terms.per_token.sum()
         tokens = mask.sum()
@@ -131,6 +146,7 @@ class GRPOStep:
             "groups_with_signal": mean(batch["signal"].sum(), groups),
             "answer_tokens": mean(tokens, rows),
             "entropy": mean(batch["entropy"], tokens),
-            "logprob_gap": mean(((logprobs.detach() - batch["rollout_logprobs"]).abs() * mask).sum(), tokens),
+            # the sampler's log-probs against the training forward's for the same weights (pi_old)
+            "logprob_gap": mean(((old - batch["rollout_logprobs"]).abs() * mask).sum(), tokens),
         }
         return loss, tokens.to(torch.int), report
