@@ -325,15 +325,16 @@ def run(args: GenerateArgs, out=sys.stdout, turns=None) -> list[str]:
         stream = TextStream(tokenizer, out)
         answer(prompts, on_token=stream.on_token)
         answers, decoded = [stream.finish()], len(stream.said)
-    for start in range(0, len(prompts) if args.requests else 0, args.batch_size):
-        batch = prompts[start:start + args.batch_size]
-        for offset, tokens in enumerate(answer(batch)):
-            request = requests[start + offset]
-            answers.append(tokenizer.decode(tokens).strip())
-            decoded += len(tokens)
-            out.write(json.dumps({"prompt": request["prompt"], "images": request["images"],
-                                  "answer": answers[-1]}) + "\n")
-            out.flush()
+    else:
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start:start + args.batch_size]
+            for offset, tokens in enumerate(answer(batch)):
+                request = requests[start + offset]
+                answers.append(tokenizer.decode(tokens).strip())
+                decoded += len(tokens)
+                out.write(json.dumps({"prompt": request["prompt"], "images": request["images"],
+                                      "answer": answers[-1]}) + "\n")
+                out.flush()
     seconds = time.perf_counter() - began
     print(f"[generate] {decoded} new tokens for {len(prompts)} prompt(s) in {seconds:.2f} s: "
           f"{decoded / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr, flush=True)
