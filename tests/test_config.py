@@ -129,6 +129,8 @@ BAD_CONFIGS = [
     (["vqa_eval.interval=10", "dataset.path={d}/captions", "dataset.text_ratio=0"], "vqa_eval.interval asks the held-out questions of "
      "dataset.valid_path, which is unset"),
     (["stage.init_from={d}/empty"], "stage.init_from=.*empty is not a checkpoint directory"),
+    (["+router=aux_loss", "+model.moe_input_jitter_eps=0.01"], "model.moe_input_jitter_eps=0.01: Megatron-Core 0.19.2's "
+     "router applies the jitter in evaluation and decoding too"),
     (["stage.trainable=[projector,vision]"], r"stage.trainable names \['vision'\]: choose from vision_model"),
     (["checkpoint.load={d}/none"], "checkpoint.load=.*none does not exist: give a checkpoint.save directory"),
     (["+model.language_pretrained_path={d}/empty"], "model.language_pretrained_path=.*empty is not a Hugging Face "
@@ -150,6 +152,17 @@ def test_good_shard_config_passes(data_dirs):
     assert container.dataset.text_path.endswith("text") and container.model.vision_patch_size == 14
     patched = build_config(compose_cfg(["+stage=stage2", "dataset.patch_size=16", "seq_length=256"]), world_size=1)
     assert patched.model.vision_patch_size == 16  # the data's patch size is the tower's
+
+
+def test_aux_loss_router_preset():
+    """+router=aux_loss (the Switch / Mixtral router, checked against transformers in test_router.py) composes
+    over any variant and builds."""
+    for variant in ("tiny", "pixel"):
+        model = build_config(compose_cfg(["+stage=stage2", f"variant={variant}", "+router=aux_loss"]),
+                             world_size=1).model
+        assert (model.moe_router_score_function, model.moe_router_load_balancing_type, model.moe_aux_loss_coeff,
+                model.moe_router_enable_expert_bias, model.moe_router_pre_softmax) == ("softmax", "aux_loss", 0.02,
+                                                                                      False, False)
 
 
 def test_cli_rejects_bad_config_before_training(cache_dir, tmp_path):

@@ -132,3 +132,41 @@ def test_sequence_wise_aux_loss_equals_the_formula(megatron_single_process):
     torch.testing.assert_close(logged, expected.detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(r.weight.grad, weight.grad, rtol=1e-5, atol=1e-12)
     assert weight.grad.abs().max() > 0
+
+
+def test_aux_loss_router_equals_mixtral(megatron_single_process):
+    """The Switch / GShard / Mixtral router as an option (model.moe_router_score_function=softmax,
+    moe_router_load_balancing_type=aux_loss, moe_router_pre_softmax=false, no expert bias): its routing equals
+    Mixtral's (softmax over the top-k logits), and its load-balancing loss and the router-weight gradient it
+    feeds back equal transformers' load_balancing_loss_func on the same router logits. Megatron normalises the
+    loss by top-k (a balanced router scores 1, Mixtral's k): logged value x k = Mixtral's, so
+    moe_aux_loss_coeff = Mixtral's router_aux_loss_coef x top-k trains as a Mixtral config does."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    mixtral_coef, seq, batch = 0.02, 16, 3
+    model = build_router_model(megatron_single_process, moe_router_score_function="softmax",
+                               moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=mixtral_coef * TOP_K,
+                               moe_router_pre_softmax=False, moe_router_enable_expert_bias=False)
+    r = model.language_model.decoder.layers[1].mlp.router
+    x = torch.randn(seq, batch, HIDDEN, generator=torch.Generator().manual_seed(5))
+    clear_aux_losses_tracker()
+    r.train()
+    probs, routing_map = r(x)
+    (probs * 0).sum().backward()  # only the attached aux loss sends gradient to the router weight
+    r.eval()
+    logged = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][r.layer_number - 1]
+
+    weight = r.weight.detach().clone().requires_grad_(True)
+    logits = x.reshape(-1, HIDDEN) @ weight.T  # Megatron's token order: [s, b] flattened
+    top = torch.softmax(logits, dim=-1).topk(TOP_K, dim=-1)  # Mixtral: softmax, top-k, renormalised
+    expected_probs = torch.zeros_like(logits).scatter(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    torch.testing.assert_close(probs, expected_probs.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(routing_map, expected_probs.detach() > 0)
+    mixtral = load_balancing_loss_func((logits,), num_experts=EXPERTS, top_k=TOP_K)
+    (mixtral_coef * mixtral).backward()
+    print(f"Mixtral load-balancing loss {mixtral.item():.6f}, Megatron's x top-k {(logged * TOP_K).item():.6f}")
+    torch.testing.assert_close(logged * TOP_K, mixtral.detach(), rtol=1e-6, atol=0)
+    # float32 sums in another order: compared at 1e-5 of the largest gradient entry
+    torch.testing.assert_close(r.weight.grad, weight.grad, rtol=1e-5, atol=1e-5 * weight.grad.abs().max().item())
+    assert weight.grad.abs().max() > 0

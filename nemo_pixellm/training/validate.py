@@ -32,6 +32,11 @@ def validate_model_keys(model_values: dict) -> None:
         if path and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.{key}={path} is not a Hugging Face {kind} directory (no config.json there): "
                               "give the directory save_pretrained wrote")
+    if model_values.get("moe_input_jitter_eps") is not None:
+        raise ConfigError(f"model.moe_input_jitter_eps={model_values['moe_input_jitter_eps']}: Megatron-Core "
+                          "0.19.2's router applies the jitter in evaluation and decoding too (TopKRouter.forward "
+                          "does not check training), which would make answers and GRPO's log-probs random: drop "
+                          "model.moe_input_jitter_eps (the load-balancing loss of +router=aux_loss needs no noise)")
     path = model_values.get("pretrained_export_path")
     if path and not (Path(path) / "pixellm.json").is_file():
         raise ConfigError(f"model.pretrained_export_path={path} is not a PixelLM export (no pixellm.json there): give "
