@@ -84,3 +84,27 @@ def test_export_cli_from_a_training_checkpoint(trained_checkpoint, cache_dir, tm
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "is not empty" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "hf").rglob("*")} == before
+
+
+def test_tied_embeddings_export_tied_and_load_back(megatron_single_process, tmp_path):
+    """model.share_embeddings_and_output_weights=true (PaliGemma-style tied embeddings): one matrix in the
+    model, exported with tie_word_embeddings, transformers' logits equal the plugin's, and the export imports
+    back into a tied model tensor for tensor."""
+    sizes = dict(vocab_size=256, seq_length=64, image_token_id=5, share_embeddings_and_output_weights=True,
+                 **TINY_LM, **TINY_VISION_56)
+    model = build_pixellm(megatron_single_process, **sizes)
+    randomize(model)
+    state = model.language_model.state_dict()
+    assert "output_layer.weight" not in state and "embedding.word_embeddings.weight" in state
+    export_model(model, tmp_path / "export")
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "export" / "language_model", dtype=torch.float32,
+                                               attn_implementation="eager").eval()
+    assert hf.config.tie_word_embeddings and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(6, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = hf(input_ids=ids).logits, model(ids, torch.arange(40).expand(3, 2, 40))
+    print(f"tied: max |logit diff| {(got - expected).abs().max():.2e} of {expected.abs().max():.2f}")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    back = build_pixellm(megatron_single_process, seed=3, language_pretrained_path=str(tmp_path / "export" / "language_model"),
+                         **sizes)
+    assert all(torch.equal(t, back.language_model.state_dict()[k]) for k, t in state.items() if "_extra_state" not in k)

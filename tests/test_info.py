@@ -52,3 +52,15 @@ def test_info_counts(variant, cache_dir):
     kv = report["kv_cache_bytes_per_token"]
     assert kv["mla_per_layer"] == (shape[4] + 64) * 2  # latent c_kv + shared rope key, bf16
     assert kv["mha_per_layer"] == shape[2] * (64 + 64 + 128) * 2
+
+
+def test_info_counts_tied_embeddings_once(cache_dir):
+    """model.share_embeddings_and_output_weights=true: the model as built is the brief's count (one matrix)."""
+    out = subprocess.run([sys.executable, "-m", "nemo_pixellm.info", "variant=pixel",
+                          "model.share_embeddings_and_output_weights=true"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "NEMO_PIXELLM_CACHE": str(cache_dir)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    total, active = reference_counts(*VARIANTS["pixel"][0])
+    assert (report["llm_total_untied"], report["llm_active_untied"]) == (report["llm_total"], report["llm_active"]) \
+        == (total, active)
