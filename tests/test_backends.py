@@ -75,9 +75,10 @@ def _slots(spec):
     return spec
 
 
-def test_te_decoder_layer_is_megatron_s_te_mla_layer(monkeypatch):
+def test_te_decoder_layer_is_megatron_s_te_layer(monkeypatch):
     """On Transformer Engine the plugin's layer builder gives exactly Megatron's TE MLA layer (norms fused into
-    the up projections and the dense fc1, TELinear down projections, TE attention), with only the attention
+    the up projections and the dense fc1, TELinear down projections, TE attention), and with
+    multi_latent_attention=false Megatron's TE GQA layer (the input norm fused into qkv), with only the attention
     class changed to PixelLM's. Without TE installed Megatron binds TE's classes as distinct placeholders, so the
     slot-by-slot comparison still tells them apart."""
     from types import SimpleNamespace
@@ -89,15 +90,23 @@ def test_te_decoder_layer_is_megatron_s_te_mla_layer(monkeypatch):
     from nemo_pixellm.models.specs import decoder_layer_submodules
 
     monkeypatch.setattr(megatron_specs, "TESpecProvider", TESpecProvider)  # Megatron binds None without TE
-    config = SimpleNamespace(qk_layernorm=True, num_moe_experts=8, moe_grouped_gemm=True, use_te_activation_func=False)
-    for moe in (False, True):
-        ours = decoder_layer_submodules(TESpecProvider(), config, moe)
-        megatron = megatron_specs.get_gpt_layer_with_transformer_engine_submodules(
-            num_experts=8 if moe else None, moe_grouped_gemm=moe, qk_layernorm=True, multi_latent_attention=True)
-        assert megatron.self_attention.module is not PixelMLASelfAttention
-        megatron.self_attention.module = PixelMLASelfAttention
-        assert _slots(ours) == _slots(megatron)
-        assert ours.sharded_state_dict_keys_map == {}  # TE's own names: nothing to rename
+    from nemo_pixellm.models.gqa import PixelSelfAttention
+
+    for mla, attention in ((True, PixelMLASelfAttention), (False, PixelSelfAttention)):  # MLA, grouped-query
+        for moe in (False, True):
+            config = SimpleNamespace(multi_latent_attention=mla, qk_layernorm=True, num_moe_experts=8,
+                                     moe_grouped_gemm=True, use_te_activation_func=False)
+            ours = decoder_layer_submodules(TESpecProvider(), config, moe)
+            megatron = megatron_specs.get_gpt_layer_with_transformer_engine_submodules(
+                num_experts=8 if moe else None, moe_grouped_gemm=moe, qk_layernorm=True, multi_latent_attention=mla)
+            assert megatron.self_attention.module is not attention
+            megatron.self_attention.module = attention
+            if not mla:  # Megatron's GQA layer also renames its TE op-fuser MLP's keys (mlp.0, mlp.1.basic_ops...),
+                # which exist only with use_te_op_fuser, an MLP the plugin does not build
+                assert all(k.startswith(("mlp.0.", "mlp.1.", "mlp.3.")) for k in megatron.sharded_state_dict_keys_map)
+                megatron.sharded_state_dict_keys_map = {}
+            assert _slots(ours) == _slots(megatron), (mla, moe)
+            assert ours.sharded_state_dict_keys_map == {}  # TE's own names: nothing to rename
 
 
 def test_grouped_experts_equal_megatron_sequential_mlp(megatron_single_process):

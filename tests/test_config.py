@@ -131,6 +131,8 @@ BAD_CONFIGS = [
     (["stage.init_from={d}/empty"], "stage.init_from=.*empty is not a checkpoint directory"),
     (["+router=aux_loss", "+model.moe_input_jitter_eps=0.01"], "model.moe_input_jitter_eps=0.01: Megatron-Core 0.19.2's "
      "router applies the jitter in evaluation and decoding too"),
+    (["model.multi_latent_attention=false", "model.num_query_groups=3"], "model.num_query_groups=3 does not "
+     "divide the 4 attention heads"),
     (["stage.trainable=[projector,vision]"], r"stage.trainable names \['vision'\]: choose from vision_model"),
     (["checkpoint.load={d}/none"], "checkpoint.load=.*none does not exist: give a checkpoint.save directory"),
     (["+model.language_pretrained_path={d}/empty"], "model.language_pretrained_path=.*empty is not a Hugging Face "

@@ -1,7 +1,8 @@
 """Core attention over torch's scaled_dot_product_attention: the local (non-TE) backend.
 
 Megatron-Core's local DotProductAttention has no k_channels / v_channels, so MLA (q/k head dim 192 vs
-v head dim 128 in PixelLM) cannot use it; this module fills the same spec slot with the same interface.
+v head dim 128 in PixelLM) cannot use it; this module fills the same spec slot with the same interface, and
+serves grouped-query attention too (fewer key / value heads than query heads).
 """
 
 import torch
@@ -61,5 +62,6 @@ class SDPACoreAttention(MegatronModule):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=sdpa_mask, is_causal=is_causal,
             dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],  # grouped-query attention: each k/v head serves heads / groups
         )
         return out[..., :v_dim].permute(2, 0, 1, 3).reshape(seq_q, batch, heads * v_dim)

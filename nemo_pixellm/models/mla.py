@@ -102,15 +102,17 @@ class _GivenTable(torch.nn.Module):
 
 
 class LatentCache(BaseInferenceContext):
-    """MLA's decoding cache, given to the model as its ``inference_context``: per layer and token only the
-    normalised KV latent c_kv [kv_lora_rank] and the rotated shared rope key [rope_dim]; keys and values of
+    """The decoding cache, given to the model as its ``inference_context``. For MLA, per layer and token only
+    the normalised KV latent c_kv [kv_lora_rank] and the rotated shared rope key [rope_dim]: keys and values of
     every head are re-expanded from it at each step (Megatron caches MLA latents only in its GPU dynamic
-    engine). Static batching: every row holds the same number of slots (padding is masked)."""
+    engine). For grouped-query attention (``gqa.py``) each group's key and value and the key's rope rows.
+    Static batching: every row holds the same number of slots (padding is masked)."""
 
     def __init__(self):
         super().__init__(InferenceConfig(materialize_only_last_token_logits=False))
         self.sequence_len_offset = self.batch_size_offset = 0
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_sequence_length = 0  # sizes GPTModel's own 0..s-1 table, which the given positions replace
+        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def is_static_batching(self) -> bool:
         return True
@@ -122,13 +124,12 @@ class LatentCache(BaseInferenceContext):
         """Tokens held (the same for every layer)."""
         return next(iter(self.layers.values()))[0].shape[0] if self.layers else 0
 
-    def append(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor):
-        """Add this step's [new, b, kv_lora_rank] latents and [new, b, rope_dim] rope keys; all of the layer's."""
+    def append(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Add this step's tensors ([new, b, ...] each) to the layer's; returns all of the layer's."""
         if layer in self.layers:
-            old_latent, old_rope_key = self.layers[layer]
-            latent, rope_key = torch.cat([old_latent, latent]), torch.cat([old_rope_key, rope_key])
-        self.layers[layer] = latent, rope_key
-        return latent, rope_key
+            tensors = tuple(torch.cat([old, new]) for old, new in zip(self.layers[layer], tensors))
+        self.layers[layer] = tensors
+        return tensors
 
 
 @dataclass

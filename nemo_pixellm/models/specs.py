@@ -23,11 +23,13 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from nemo_pixellm.models.backend import spec_provider
+from nemo_pixellm.models.gqa import PixelSelfAttention
 from nemo_pixellm.models.mla import PixelMLASelfAttention
 
 
 def decoder_layer_submodules(backend: BackendSpecProvider, config, moe: bool) -> TransformerLayerSubmodules:
-    """One decoder layer: MLA, then the MoE layer (``moe``) or a dense MLP.
+    """One decoder layer: MLA (or grouped-query attention with ``multi_latent_attention=false``), then the MoE
+    layer (``moe``) or a dense MLP.
 
     Where the backend fuses a norm into the linear after it (TE: q/kv up projections, a dense fc1), that linear
     carries the norm; where it does not, the norm is its own module and its checkpoint key is the fused
@@ -41,6 +43,16 @@ def decoder_layer_submodules(backend: BackendSpecProvider, config, moe: bool) ->
         keys_map["self_attention.kv_layernorm."] = "self_attention.linear_kv_up_proj.layer_norm_"
     if not moe and not fused:  # the fused dense fc1 carries pre_mlp_layernorm
         keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    mlp = dict(
+        self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=backend.layer_norm(rms_norm=True, has_residual=True) if moe or not fused else IdentityOp,
+        mlp=get_mlp_module_spec_for_backend(
+            backend, num_experts=config.num_moe_experts if moe else None,
+            moe_grouped_gemm=moe and config.moe_grouped_gemm, use_te_activation_func=config.use_te_activation_func),
+        mlp_bda=get_bias_dropout_add,
+    )
+    if not config.multi_latent_attention:
+        return gqa_layer_submodules(backend, config, fused, keys_map, mlp)
     return TransformerLayerSubmodules(
         input_layernorm=backend.layer_norm(rms_norm=True, has_residual=True),
         self_attention=ModuleSpec(
@@ -58,13 +70,33 @@ def decoder_layer_submodules(backend: BackendSpecProvider, config, moe: bool) ->
                 kv_layernorm=backend.layer_norm(rms_norm=True) if qk_norm else IdentityOp,
             ),
         ),
-        self_attn_bda=get_bias_dropout_add,
-        pre_mlp_layernorm=backend.layer_norm(rms_norm=True, has_residual=True) if moe or not fused else IdentityOp,
-        mlp=get_mlp_module_spec_for_backend(
-            backend, num_experts=config.num_moe_experts if moe else None,
-            moe_grouped_gemm=moe and config.moe_grouped_gemm, use_te_activation_func=config.use_te_activation_func),
-        mlp_bda=get_bias_dropout_add,
         sharded_state_dict_keys_map=keys_map,
+        **mlp,
+    )
+
+
+def gqa_layer_submodules(backend: BackendSpecProvider, config, fused: bool, keys_map: dict,
+                         mlp: dict) -> TransformerLayerSubmodules:
+    """Grouped-query attention (``gqa.py``) in Megatron's GPT layer layout: one qkv projection, which carries the
+    input norm where the backend fuses it (TE), per-head q/k norms with ``qk_layernorm``."""
+    qk_norm = backend.layer_norm(for_qk=True) if config.qk_layernorm else IdentityOp  # as Megatron's GPT spec
+    if not fused:
+        keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
+    return TransformerLayerSubmodules(
+        input_layernorm=IdentityOp if fused else backend.layer_norm(rms_norm=True, has_residual=True),
+        self_attention=ModuleSpec(
+            module=PixelSelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=backend.column_parallel_layer_norm_linear() if fused else backend.column_parallel_linear(),
+                core_attention=backend.core_attention(),
+                linear_proj=backend.row_parallel_linear(),
+                q_layernorm=qk_norm,
+                k_layernorm=qk_norm,
+            ),
+        ),
+        sharded_state_dict_keys_map=keys_map,
+        **mlp,
     )
 
 

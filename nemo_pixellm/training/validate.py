@@ -189,6 +189,14 @@ def validate_layout(cfg, world_size: int) -> None:
         raise ConfigError(
             f"model.tensor_model_parallel_size={tp} does not divide the {m.num_attention_heads} attention heads"
         )
+    if not m.multi_latent_attention:  # grouped-query attention: whole groups per TP rank
+        groups = m.num_query_groups or m.num_attention_heads
+        if m.num_attention_heads % groups:
+            raise ConfigError(f"model.num_query_groups={groups} does not divide the {m.num_attention_heads} attention "
+                              "heads: each key / value head serves the same number of query heads")
+        if groups % tp:
+            raise ConfigError(f"model.tensor_model_parallel_size={tp} does not divide model.num_query_groups={groups}:"
+                              " choose a TP size that divides the key / value heads")
     if m.num_layers % pp:
         raise ConfigError(f"model.pipeline_model_parallel_size={pp} does not divide the {m.num_layers} layers")
     if pp > 1 and m.num_layers // pp < 1:

@@ -1,0 +1,92 @@
+"""Grouped-query attention as a PixelLM option (model.multi_latent_attention=false, model.num_query_groups):
+logits equal transformers' Qwen2-VL language model (GQA + M-RoPE) on the same weights and position ids, and
+LlamaForCausalLM's with plain 1D positions; cached decoding equals uncached decoding."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2VLTextConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+from nemo_pixellm.hf.llama import gqa_to_hf
+
+from conftest import build_pixellm
+from test_export import randomize
+from test_mrope import image_ids
+
+HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN, LAYERS, VOCAB, SECTIONS = 64, 4, 2, 16, 128, 2, 256, [2, 3, 3]
+GQA = dict(num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
+           multi_latent_attention=False, num_query_groups=GROUPS, kv_channels=HEAD_DIM, qk_layernorm=False,
+           num_moe_experts=None, moe_layer_freq=1, rotary_base=10000, vocab_size=VOCAB, seq_length=64,
+           image_token_id=5, vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2,
+           vision_ffn_hidden_size=64, vision_image_size=56)
+
+
+def load_into(hf_model, model) -> None:
+    state = gqa_to_hf(model.language_model.state_dict(), model.language_model.config)
+    prefix = "" if isinstance(hf_model, LlamaForCausalLM) else "model."
+    theirs = {k.removeprefix(prefix): v for k, v in state.items() if prefix or True}
+    if not isinstance(hf_model, LlamaForCausalLM):
+        theirs = {k: v for k, v in theirs.items() if not k.startswith("lm_head")}
+    missing, unexpected = hf_model.load_state_dict(theirs, strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+
+
+@pytest.fixture(scope="module")
+def qwen_like(megatron_single_process):
+    model = build_pixellm(megatron_single_process, add_qkv_bias=True, mrope_section=SECTIONS, **GQA)
+    randomize(model, seed=4)
+    return model
+
+
+def test_gqa_with_mrope_equals_qwen2_vl(qwen_like):
+    model = qwen_like
+    attention = model.language_model.decoder.layers[0].self_attention
+    assert attention.linear_qkv.weight.shape[0] == (HEADS + 2 * GROUPS) * HEAD_DIM  # 4 query, 2 key/value heads
+    config = Qwen2VLTextConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, num_key_value_heads=GROUPS, rms_norm_eps=1e-6,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": SECTIONS})
+    config._attn_implementation = "eager"
+    hf = Qwen2VLTextModel(config).eval()
+    load_into(hf, model)
+    ids = torch.randint(6, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    positions = image_ids(2, 40, torch.Generator().manual_seed(2))  # a 4x6 image grid inside text
+    with torch.no_grad():
+        hidden = hf(input_ids=ids, position_ids=positions).last_hidden_state
+        expected = hidden @ model.language_model.output_layer.weight.T
+        got = model(ids, positions)
+        shifted = model(ids, torch.arange(40).expand(3, 2, 40))
+    print(f"GQA + M-RoPE vs Qwen2-VL: max |logit diff| {(got - expected).abs().max():.2e} of {expected.abs().max():.2f}")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert (shifted - got).abs().max() > 1e-3  # the image ids reached the attention
+
+
+def test_gqa_with_1d_positions_equals_llama(megatron_single_process):
+    model = build_pixellm(megatron_single_process, **GQA)
+    randomize(model, seed=6)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=GROUPS, rms_norm_eps=1e-6, head_dim=HEAD_DIM,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    hf = LlamaForCausalLM(config).eval()
+    load_into(hf, model)
+    ids = torch.randint(6, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(40).expand(2, 40) + torch.tensor([[0], [7]])  # explicit, per-sample offsets
+    with torch.no_grad():
+        expected = hf(input_ids=ids, position_ids=positions).logits
+        got = model(ids, positions)
+    print(f"GQA + RoPE vs Llama: max |logit diff| {(got - expected).abs().max():.2e} of {expected.abs().max():.2f}")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_gqa_cached_decoding_equals_uncached(qwen_like):
+    from nemo_pixellm.generate import generate
+    from test_generate import _prompts
+
+    prompts = _prompts(torch.Generator().manual_seed(4))
+    cached_scores, uncached_scores = [], []
+    cached = generate(qwen_like, prompts, eos_id=1, pad_id=0, max_new_tokens=6, scores=cached_scores)
+    uncached = generate(qwen_like, prompts, eos_id=1, pad_id=0, max_new_tokens=6, use_cache=False,
+                        scores=uncached_scores)
+    assert cached == uncached and sum(map(len, cached)) >= 6
+    for a, b in zip(cached_scores, uncached_scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
