@@ -33,19 +33,36 @@ def sample_keys(run_dir: Path) -> list[list[str]]:
     return [sorted(row["samples"]) for row in metrics(run_dir)]
 
 
+# Grouped-query attention (tests/test_gqa.py) with 2 key / value heads: TP=2 puts one on each rank.
+GQA = ["model.multi_latent_attention=false", "model.num_query_groups=2"]
+
+
+def one_process_runs(root: Path, cache_dir, architecture: list[str]) -> Path:
+    """A 1-step checkpoint to start from, then the 3 SGD steps on one process."""
+    run_train(["+stage=stage2", *QUICK, *architecture, "train.train_iters=1", f"checkpoint.save={root / 'init'}",
+               f"run_dir={root / 'init-run'}"], cache_dir)
+    run_train(["+stage=stage2", *QUICK, *architecture, *SGD, f"stage.init_from={root / 'init'}",
+               f"checkpoint.save={root / 'one'}", f"run_dir={root / 'one-run'}"], cache_dir)
+    return root
+
+
 @pytest.fixture(scope="module")
 def reference(cache_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("parallel")
-    run_train(["+stage=stage2", *QUICK, "train.train_iters=1", f"checkpoint.save={root / 'init'}",
-               f"run_dir={root / 'init-run'}"], cache_dir)
-    run_train(["+stage=stage2", *QUICK, *SGD, f"stage.init_from={root / 'init'}", f"checkpoint.save={root / 'one'}",
-               f"run_dir={root / 'one-run'}"], cache_dir)
-    return root
+    return one_process_runs(tmp_path_factory.mktemp("parallel"), cache_dir, [])
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_equals_one_process(layout, reference: Path, cache_dir, tmp_path):
-    run_train(["+stage=stage2", *QUICK, *SGD, *LAYOUTS[layout], f"stage.init_from={reference / 'init'}",
+    check_two_processes(reference, LAYOUTS[layout], layout, cache_dir, tmp_path)
+
+
+def test_gqa_tp2_equals_one_process(cache_dir, tmp_path):
+    reference = one_process_runs(tmp_path / "reference", cache_dir, GQA)
+    check_two_processes(reference, [*GQA, *LAYOUTS["tp2"]], "gqa tp2", cache_dir, tmp_path)
+
+
+def check_two_processes(reference: Path, overrides: list[str], layout: str, cache_dir, tmp_path) -> None:
+    run_train(["+stage=stage2", *QUICK, *SGD, *overrides, f"stage.init_from={reference / 'init'}",
                f"checkpoint.save={tmp_path / 'ckpt'}", f"run_dir={tmp_path / 'run'}"], cache_dir, nproc=2)
     one, two = losses(reference / "one-run"), losses(tmp_path / "run")
     print(f"{layout}: 1 process {one} | 2 processes {two}")
