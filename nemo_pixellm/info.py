@@ -53,8 +53,15 @@ def count_parameters(model, provider) -> dict:
 
 
 def kv_cache_bytes_per_token(provider) -> dict:
-    """MLA caches the latent c_kv and the shared rope key; full multi-head attention would cache K and V."""
+    """MLA caches the latent c_kv and the shared rope key; full multi-head attention would cache K and V;
+    grouped-query attention caches K and V of its groups."""
     heads, layers = provider.num_attention_heads, provider.num_layers
+    if not provider.multi_latent_attention:
+        head_dim = provider.kv_channels or provider.hidden_size // heads
+        gqa = 2 * (provider.num_query_groups or heads) * head_dim * BF16_BYTES
+        mha = 2 * heads * head_dim * BF16_BYTES
+        return {"gqa_per_layer": gqa, "gqa_total": gqa * layers, "mha_per_layer": mha, "mha_total": mha * layers,
+                "gqa_vs_mha": round(mha / gqa, 2)}
     mla = (provider.kv_lora_rank + provider.qk_pos_emb_head_dim) * BF16_BYTES
     mha = heads * (provider.qk_head_dim + provider.qk_pos_emb_head_dim + provider.v_head_dim) * BF16_BYTES
     return {

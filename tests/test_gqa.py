@@ -90,3 +90,22 @@ def test_gqa_cached_decoding_equals_uncached(qwen_like):
     assert cached == uncached and sum(map(len, cached)) >= 6
     for a, b in zip(cached_scores, uncached_scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.slow
+def test_paligemma_cpu_variant_trains_stage2(cache_dir, tmp_path):
+    """variant=paligemma_cpu (paligemma_tiny's shape at CPU sizes: one key / value head, dense, tied embeddings)
+    trains stage 2 through the entry point: the loss falls and the checkpoint holds one embedding matrix and
+    grouped-query projections."""
+    from conftest import QUICK, losses, run_train
+    from test_training import checkpoint_tensors
+
+    run_train(["+stage=stage2", "variant=paligemma_cpu", *QUICK, "train.train_iters=6", "scheduler.lr_warmup_iters=1",
+               f"checkpoint.save={tmp_path / 'ckpt'}", f"run_dir={tmp_path / 'run'}"], cache_dir)
+    loss = losses(tmp_path / "run")
+    print("paligemma_cpu stage 2 losses:", loss)
+    assert loss[6] < loss[1]
+    tensors = checkpoint_tensors(tmp_path / "ckpt", tmp_path)
+    assert not [n for n in tensors if "output_layer" in n]  # tied: the embedding is the output layer
+    qkv = tensors["language_model.decoder.layers.self_attention.linear_qkv.weight"]  # the layers stacked
+    assert qkv.shape == (2, (4 + 2 * 1) * 16, 64)  # 4 query heads, 1 key and 1 value head of 16

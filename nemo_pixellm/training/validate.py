@@ -226,10 +226,11 @@ def validate_layout(cfg, world_size: int) -> None:
         raise ConfigError(
             f"train.global_batch_size={gbs} is not a multiple of micro_batch_size*data_parallel = {mbs}*{dp}"
         )
-    if m.mrope_section and sum(m.mrope_section) != m.qk_pos_emb_head_dim // 2:
-        raise ConfigError(
-            f"model.mrope_section {list(m.mrope_section)} must sum to qk_pos_emb_head_dim/2 = {m.qk_pos_emb_head_dim // 2}"
-        )
+    # the rotary width: MLA's decoupled rope slice, or a grouped-query attention head
+    rope_key, rope_dim = (("qk_pos_emb_head_dim", m.qk_pos_emb_head_dim) if m.multi_latent_attention
+                          else ("kv_channels", m.kv_channels or m.hidden_size // m.num_attention_heads))
+    if m.mrope_section and sum(m.mrope_section) != rope_dim // 2:
+        raise ConfigError(f"model.mrope_section {list(m.mrope_section)} must sum to {rope_key}/2 = {rope_dim // 2}")
     if cfg.model.seq_length != cfg.dataset.seq_length:
         raise ConfigError("model.seq_length and dataset.seq_length differ: set the top-level seq_length instead")
     if cfg.dataset.pack and resolve_use_te(m.use_te):
