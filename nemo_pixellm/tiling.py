@@ -191,14 +191,15 @@ def mrope_positions(blocks: list[Block], start: int = 0) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def mrope_axis_per_column(sections: tuple[int, ...], rope_dim: int) -> torch.Tensor:
+def mrope_axis_per_column(sections: tuple[int, ...], rope_dim: int, interleaved: bool = False) -> torch.Tensor:
     """Which position axis (0 t, 1 h, 2 w) drives each column of Megatron's rope embedding
-    (cat(freqs, freqs), also transformers' layout: column c rotates frequency pair c mod rope_dim/2). Cached: read, never written."""
+    (cat(freqs, freqs), also transformers' layout: column c rotates frequency pair c mod rope_dim/2; with
+    ``interleaved`` rotary pairs, LLaMA 4's, columns 2p and 2p + 1 rotate pair p). Cached: read, never written."""
     half = rope_dim // 2
     if sum(sections) != half:
         raise ValueError(f"mrope_section {sections} must sum to the rope half-dimension {half}")
     axis = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
-    return torch.cat([axis, axis])
+    return axis.repeat_interleave(2) if interleaved else torch.cat([axis, axis])
 
 
 def _size(text: str) -> tuple[int, int]:

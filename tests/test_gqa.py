@@ -109,3 +109,69 @@ def test_paligemma_cpu_variant_trains_stage2(cache_dir, tmp_path):
     assert not [n for n in tensors if "output_layer" in n]  # tied: the embedding is the output layer
     qkv = tensors["language_model.decoder.layers.self_attention.linear_qkv.weight"]  # the layers stacked
     assert qkv.shape == (2, (4 + 2 * 1) * 16, 64)  # 4 query heads, 1 key and 1 value head of 16
+
+
+def test_irope_with_chunked_attention_equals_llama4(megatron_single_process):
+    """LLaMA 4's iRoPE (model.no_rope_freq=4: every 4th layer without rotary and with full causal attention, the
+    others rotary and attending within chunks of model.attention_chunk_size tokens): logits equal transformers'
+    Llama4ForCausalLM (dense layers, interleaved rotary pairs as LLaMA 4 rotates) on a sequence five chunks long,
+    for a batch whose rows are right-padded to different lengths; chunking changes the logits."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    chunk, seq, layers = 8, 40, 4
+    sizes = {**GQA, "num_layers": layers, "no_rope_freq": 4, "rotary_interleaved": True, "mrope_section": SECTIONS}
+    model = build_pixellm(megatron_single_process, attention_chunk_size=chunk, **sizes)
+    randomize(model, seed=8)
+    config = Llama4TextConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, intermediate_size_mlp=FFN,
+                              num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=GROUPS,
+                              head_dim=HEAD_DIM, rms_norm_eps=1e-6, moe_layers=[], no_rope_layers=[1, 1, 1, 0],
+                              attention_chunk_size=chunk, use_qk_norm=False, attn_temperature_tuning=False,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    hf = Llama4ForCausalLM(config).eval()
+    state = {k.replace(".mlp.", ".feed_forward."): v
+             for k, v in gqa_to_hf(model.language_model.state_dict(), model.language_model.config).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+
+    ids = torch.randint(6, VOCAB, (2, seq), generator=torch.Generator().manual_seed(1))
+    lengths = [seq, 29]  # the second row right-padded: its padding is no token of any chunk
+    padding = torch.tensor([[i >= n for i in range(seq)] for n in lengths])
+    mask = (torch.ones(seq, seq, dtype=torch.bool).tril()[None] & ~padding[:, None, :])[:, None]
+    with torch.no_grad():
+        got = model(ids, torch.arange(seq).expand(2, seq), attention_mask=~mask)
+        unchunked = build_pixellm(megatron_single_process, **sizes)
+        unchunked.load_state_dict(model.state_dict())
+        full = unchunked(ids, torch.arange(seq).expand(2, seq), attention_mask=~mask)
+        for row, n in enumerate(lengths):
+            expected = hf(input_ids=ids[row:row + 1, :n]).logits[0]
+            diff = (got[row, :n] - expected).abs().max()
+            print(f"iRoPE, chunks of {chunk}, row of {n} tokens: max |logit diff| {diff:.2e} of {expected.abs().max():.2f}")
+            torch.testing.assert_close(got[row, :n], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert torch.equal(got[:, :chunk], full[:, :chunk]) and (got[:, chunk:] - full[:, chunk:]).abs().max() > 1e-3
+
+    # Cached decoding of right-padded prompts longer than a chunk: each step's logits as without the cache.
+    from nemo_pixellm.generate import generate
+    from test_generate import _prompts
+
+    prompts = _prompts(torch.Generator().manual_seed(4))
+    assert max(len(p.tokens) for p in prompts) > chunk and len({len(p.tokens) for p in prompts}) > 1
+    cached_scores, uncached_scores = [], []
+    cached = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=10, scores=cached_scores)
+    uncached = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=10, use_cache=False, scores=uncached_scores)
+    assert cached == uncached
+    for a, b in zip(cached_scores, uncached_scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.slow
+def test_llama4_cpu_variant_trains_stage2(cache_dir, tmp_path):
+    """variant=llama4_cpu (llama4_tiny's shape: GQA, iRoPE 3:1 with chunks of 32 of the 128 positions, MoE 8
+    experts top-2 + shared) trains stage 2 through the entry point and its loss falls."""
+    from conftest import QUICK, losses, run_train
+
+    run_train(["+stage=stage2", "variant=llama4_cpu", *QUICK, "train.train_iters=6", "scheduler.lr_warmup_iters=1",
+               f"run_dir={tmp_path / 'run'}"], cache_dir)
+    loss = losses(tmp_path / "run")
+    print("llama4_cpu stage 2 losses:", loss)
+    assert loss[6] < loss[1]

@@ -34,6 +34,9 @@ class SDPACoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.hidden_size_per_attention_head_v = v_channels or config.kv_channels
+        no_rope = config.no_rope_freq[layer_number - 1] if getattr(config, "no_rope_freq", None) else False
+        # LLaMA 4's iRoPE: the RoPE layers attend within chunks, the NoPE layers to everything before them
+        self.chunk = None if no_rope else getattr(config, "attention_chunk_size", None)
 
     def forward(
         self,
@@ -56,6 +59,8 @@ class SDPACoreAttention(MegatronModule):
             sdpa_mask = ~attention_mask.bool()  # Megatron: True = masked out; SDPA: True = attend
         elif mask_type == AttnMaskType.causal:
             is_causal = True
+        if self.chunk:
+            sdpa_mask, is_causal = chunked(sdpa_mask, q.shape[2], k.shape[2], self.chunk, q.device), False
         v_dim = v.shape[-1]
         if v_dim < q.shape[-1]:  # MLA: SDPA's fused kernels need v as wide as q/k; zero columns add nothing
             v = F.pad(v, (0, q.shape[-1] - v_dim))
@@ -65,3 +70,15 @@ class SDPACoreAttention(MegatronModule):
             enable_gqa=k.shape[1] != q.shape[1],  # grouped-query attention: each k/v head serves heads / groups
         )
         return out[..., :v_dim].permute(2, 0, 1, 3).reshape(seq_q, batch, heads * v_dim)
+
+
+def chunked(visible: torch.Tensor | None, queries: int, keys: int, chunk: int, device) -> torch.Tensor:
+    """The causal (or given) visibility, True = attend, limited to keys in the query's chunk of ``chunk`` tokens.
+    Tokens are counted as the rows see them: a key's index is the number of real keys before it (padding and
+    cache slots of shorter rows do not count), a query's is the number of keys it sees, minus one."""
+    if visible is None:  # causal; queries are the last ones (a decoding step follows the cached keys)
+        visible = torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=keys - queries)[None, None]
+    real = visible[..., -1:, :]  # [b, 1, 1, keys]: what the newest query sees is every real token
+    key_index = real.cumsum(-1) - 1
+    query_index = visible.sum(-1, keepdim=True) - 1
+    return visible & (key_index // chunk == query_index // chunk)

@@ -67,7 +67,8 @@ class RopeTable(torch.nn.Module):
         if positions.shape[0] == 3:
             if self.mrope_section is None:
                 raise ValueError("position ids are [3, b, s] (M-RoPE) but model.mrope_section is not set")
-            axis = mrope_axis_per_column(self.mrope_section, emb.shape[-1]).to(emb.device)
+            interleaved = getattr(self.base, "rotary_interleaved", False)
+            axis = mrope_axis_per_column(self.mrope_section, emb.shape[-1], interleaved).to(emb.device)
             emb = emb.gather(0, axis.view(1, 1, 1, -1).expand(1, *emb.shape[1:]))
         return emb[0].transpose(0, 1).unsqueeze(2).contiguous()  # [s, b, 1, dim]
 

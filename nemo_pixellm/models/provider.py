@@ -85,6 +85,10 @@ class PixelLMProvider(MLAModelProvider):
     projector_downsample: int = 2
     projector_ffn_hidden_size: int | None = None
 
+    # LLaMA 4's chunked local attention on the RoPE layers (NoPE layers: Megatron's no_rope_freq) attend only
+    # within chunks of this many tokens; Megatron has no chunked attention (local backend, models/core_attention.py)
+    attention_chunk_size: int | None = None
+
     image_token_id: int = -1  # set from the tokenizer
     trainable_modules: list[str] | None = None  # None = everything trains; else the named children that do
     freeze_moe_router: bool = False  # router weights and expert bias fixed (stage 4: NeMo-RL's RL practice)

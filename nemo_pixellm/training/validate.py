@@ -32,6 +32,10 @@ def validate_model_keys(model_values: dict) -> None:
         if path and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.{key}={path} is not a Hugging Face {kind} directory (no config.json there): "
                               "give the directory save_pretrained wrote")
+    no_rope, layers = model_values.get("no_rope_freq"), model_values.get("num_layers")
+    if isinstance(no_rope, int) and no_rope and layers and layers % no_rope:  # before Megatron asserts it
+        raise ConfigError(f"model.no_rope_freq={no_rope} (one layer in {no_rope} without RoPE) does not divide the "
+                          f"{layers} layers: give a divisor, or a 0/1 list with one entry per layer")
     if model_values.get("moe_input_jitter_eps") is not None:
         raise ConfigError(f"model.moe_input_jitter_eps={model_values['moe_input_jitter_eps']}: Megatron-Core "
                           "0.19.2's router applies the jitter in evaluation and decoding too (TopKRouter.forward "
@@ -155,6 +159,17 @@ def validate_run(cfg, container) -> None:
                           "through Transformer Engine, which this run does not use (model.use_te resolves to false: "
                           "not installed, or switched off): install the [gpu] extra / use the Dockerfile's image with "
                           "model.use_te=true, or choose mixed_precision=bf16_mixed (GPU) or null (fp32)")
+    if m.attention_chunk_size or m.no_rope_freq:  # LLaMA 4's iRoPE
+        key = "model.attention_chunk_size" if m.attention_chunk_size else "model.no_rope_freq"
+        if m.multi_latent_attention:
+            raise ConfigError(f"{key} is LLaMA 4's interleaved RoPE / NoPE attention: it needs grouped-query "
+                              "attention (model.multi_latent_attention=false)")
+        if m.attention_chunk_size and resolve_use_te(m.use_te):
+            raise ConfigError("model.attention_chunk_size: chunked attention runs on the local backend only "
+                              "(Transformer Engine has no chunked mask here): set model.use_te=false")
+        if m.attention_chunk_size and container.dataset.pack:
+            raise ConfigError("model.attention_chunk_size counts chunks per sequence, which packed samples would "
+                              "share: set dataset.pack=false")
     if container.ddp.use_distributed_optimizer != container.optimizer.use_distributed_optimizer:
         raise ConfigError("ddp.use_distributed_optimizer and optimizer.use_distributed_optimizer differ: set "
                           "optimizer.use_distributed_optimizer only (conf/config.yaml passes it on to ddp)")
