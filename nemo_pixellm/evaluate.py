@@ -64,6 +64,16 @@ def load(checkpoint: str):
     return model, data_config, directory
 
 
+def question_jobs(questions, samples: int) -> list[tuple[int, int, dict]]:
+    """(record, sample index, qa) for every question of the first ``samples`` records of a vqa ShardSamples
+    (its sample ``q * len + record`` asks question q of the record)."""
+    jobs = []
+    for record in range(min(samples, len(questions))):
+        for number, qa in enumerate(json.loads(questions.reader[record]["json"])["qa"]):
+            jobs.append((record, number * len(questions) + record, qa))
+    return jobs
+
+
 def ask_questions(model, data_config, tokenizer, args: EvalArgs) -> list[dict]:
     from nemo_pixellm.data.samples import ShardSamples
     from nemo_pixellm.generate import generate, prompt_from_sample
@@ -71,23 +81,19 @@ def ask_questions(model, data_config, tokenizer, args: EvalArgs) -> list[dict]:
     heldout = args.data or sources.data_paths(data_config)[1]
     questions = ShardSamples(heldout, tokenizer, "vqa", data_config.patch_size, data_config.downsample,
                              data_config.max_tiles, key="data" if args.data else "dataset.path")
-    jobs = []  # (index that selects the question, qa)
-    for image_index in range(min(args.samples, len(questions))):
-        qa_list = json.loads(questions.reader[image_index]["json"])["qa"]
-        for q_number, qa in enumerate(qa_list):
-            jobs.append((q_number * len(questions) + image_index, qa))  # vqa picks qa[index // len % n]
+    jobs = question_jobs(questions, args.samples)
     results = []
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         prompts = []
-        for index, _ in batch:
+        for _, index, _ in batch:
             prompt = prompt_from_sample(questions.sample(index, data_config.image_size, data_config.seq_length))
             if args.blind:
                 prompt.views = torch.zeros_like(prompt.views)  # mean colour after normalisation
             prompts.append(prompt)
         answers = generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, args.max_new_tokens,
                            args.temperature, args.top_k, args.top_p, use_cache=args.use_cache)
-        for (_, qa), answer in zip(batch, answers):
+        for (_, _, qa), answer in zip(batch, answers):
             said = tokenizer.decode(answer).strip()
             answers = qa.get("answers") or [qa["a"]]
             results.append({"type": qa["type"], "q": qa["q"], "a": qa["a"], "answers": answers, "said": said,

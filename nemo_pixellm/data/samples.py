@@ -245,16 +245,22 @@ def image_member(number: int) -> str:
     return "jpg" if number == 0 else f"{number}.jpg"
 
 
+def image_members(raw: dict) -> list[str]:
+    """The image members a shard record holds, in order."""
+    members = []
+    while image_member(len(members)) in raw:
+        members.append(image_member(len(members)))
+    return members
+
+
 def record_images(key: str, raw: dict, meta: dict) -> list[Image.Image]:
     """The record's images in order (headers read); as many as its json's ``images`` list names, when it has one."""
-    images = []
-    while image_member(len(images)) in raw:
-        images.append(open_image(key, raw[image_member(len(images))]))
+    members = image_members(raw)
     listed = meta.get("images")
-    if isinstance(listed, list) and len(listed) != len(images):
-        raise BadRecord(f"{key}: the record lists {len(listed)} images and holds {len(images)} "
-                        f"({', '.join(image_member(i) for i in range(len(images))) or 'no image members'})")
-    return images
+    if isinstance(listed, list) and len(listed) != len(members):
+        raise BadRecord(f"{key}: the record lists {len(listed)} images and holds {len(members)} "
+                        f"({', '.join(members) or 'no image members'})")
+    return [open_image(key, raw[member]) for member in members]
 
 
 def chat_segments(tok: PixelTokenizer, turns: list[dict], images: list[ImageSegment]) -> list[Segment]:

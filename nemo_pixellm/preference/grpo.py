@@ -91,6 +91,7 @@ class GRPOStep:
         batch = rollout_batch(prompts, answers, s.seq_length, tok.pad_id)
         device = next(model_chunk.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
+
         def logprobs_with(weights):
             with eval_mode(module), weights.swapped_in(model_chunk):
                 return -model_chunk(input_ids=batch["tokens"], position_ids=batch["position_ids"],

@@ -46,9 +46,9 @@ def rejected_answer(said: str, qa: dict, rng: random.Random) -> tuple[str, str]:
 
 def build_pairs(args: PairArgs) -> dict:
     from nemo_pixellm.data import sources
-    from nemo_pixellm.data.samples import ShardSamples, image_member
+    from nemo_pixellm.data.samples import ShardSamples, image_members
     from nemo_pixellm.data.shards import write_shards
-    from nemo_pixellm.evaluate import load
+    from nemo_pixellm.evaluate import load, question_jobs
     from nemo_pixellm.generate import generate, prompt_from_sample
     from nemo_pixellm.training.ema import load_ema_into
 
@@ -62,10 +62,7 @@ def build_pairs(args: PairArgs) -> dict:
     shards = args.data or sources.data_paths(data_config)[0]
     questions = ShardSamples(shards, tokenizer, "vqa", data_config.patch_size, data_config.downsample,
                              data_config.max_tiles, key="data" if args.data else "dataset.path")
-    jobs = []  # (record, qa): ShardSamples' vqa index q * len + record asks qa number q of the record
-    for record in range(min(args.samples, len(questions))):
-        for number, qa in enumerate(json.loads(questions.reader[record]["json"])["qa"]):
-            jobs.append((record, number * len(questions) + record, qa))
+    jobs = question_jobs(questions, args.samples)
     began, records, counts = time.perf_counter(), [], {"model": 0, "distractor": 0}
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
@@ -78,7 +75,7 @@ def build_pairs(args: PairArgs) -> dict:
             rejected, source = rejected_answer(tokenizer.decode(answer), qa, rng)
             counts[source] += 1
             raw = questions.reader[record]
-            images = {m: raw[m] for m in (image_member(i) for i in range(len(raw))) if m in raw}
+            images = {m: raw[m] for m in image_members(raw)}
             meta = {"question": qa["q"], "chosen": qa["a"], "rejected": rejected, "rejected_from": source,
                     "type": qa.get("type", "vqa"), "record": raw["__key__"]}
             records.append({"__key__": f"{len(records):09d}", **images, "json": json.dumps(meta).encode()})

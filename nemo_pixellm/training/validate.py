@@ -126,7 +126,8 @@ def validate_stage(stage) -> None:
 
 
 # What makes two PixelLM models different models (the provider's fields; vision ones only where both have them).
-ARCHITECTURE = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "num_moe_experts",
+ARCHITECTURE = ("multi_latent_attention", "share_embeddings_and_output_weights",
+                "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "num_moe_experts",
                 "moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_intermediate_size", "q_lora_rank",
                 "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "vocab_size", "vision_hidden_size",
                 "vision_num_layers", "vision_num_attention_heads", "vision_ffn_hidden_size", "projector_ffn_hidden_size")
