@@ -29,6 +29,8 @@ from stage_chain import RECIPE, TYPES, evaluate  # noqa: E402  (one recipe and o
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"sft": ["+stage=stage3"], "grpo": ["+stage=stage4", "stage.algorithm=grpo"],
         "dpo": ["+stage=stage4", "stage.algorithm=dpo"]}
+# after the recipe (which turns validation off): DPO's held-out pairs give its preference accuracy
+AFTER_RECIPE = {"dpo": ["validation.eval_interval=25"]}
 
 
 def train_arm(name: str, start: Path, root: Path, minutes: float, overrides: list[str]) -> tuple[Path, float, str]:
@@ -36,7 +38,7 @@ def train_arm(name: str, start: Path, root: Path, minutes: float, overrides: lis
     command = [sys.executable, "-m", "nemo_pixellm.train", *ARMS[name], f"stage.init_from={start}",
                f"run_dir={run_dir}", f"checkpoint.save={run_dir / 'checkpoints'}", "train.train_iters=1000000",
                f"+train.exit_duration_in_mins={minutes}", "checkpoint.save_interval=1000000", *RECIPE,
-               "ema.enabled=false", *overrides]
+               "ema.enabled=false", *AFTER_RECIPE.get(name, []), *overrides]
     t0 = time.time()
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     (run_dir / "train.log").parent.mkdir(parents=True, exist_ok=True)
