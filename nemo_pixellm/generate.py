@@ -300,9 +300,11 @@ def check_context(request: dict, prompt: Prompt, image_id: int, max_new_tokens: 
                            "(seq_length): shorten the prompt or lower max_new_tokens")
 
 
-def run(args: GenerateArgs, out=sys.stdout, turns=None) -> list[str]:
+def run(args: GenerateArgs, out=None, turns=None) -> list[str]:
     """``checkpoint``: a training checkpoint (the Megatron model) or an export directory (transformers).
-    ``turns``: the chat's user turns (default: stdin's lines)."""
+    ``out``: where answers go (default: sys.stdout at the call); ``turns``: the chat's user turns (default:
+    stdin's lines)."""
+    out = out or sys.stdout  # looked up now: a default bound at import would miss a redirected stdout
     if args.chat:
         return run_chat(args, out, sys.stdin if turns is None else turns)
     requests = read_requests(args)
