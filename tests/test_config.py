@@ -135,8 +135,6 @@ BAD_CONFIGS = [
      "divide the 4 attention heads"),
     (["+model.attention_chunk_size=16"], "model.attention_chunk_size is LLaMA 4's interleaved RoPE / NoPE attention: "
      "it needs grouped-query attention"),
-    (["model.multi_latent_attention=false", "+model.attention_chunk_size=16", "dataset.pack=true"],
-     "model.attention_chunk_size counts chunks per sequence, which packed samples would share: set dataset.pack=false"),
     (["model.multi_latent_attention=false", "+model.no_rope_freq=3"], r"model.no_rope_freq=3 \(one layer in 3 without "
      r"RoPE\) does not divide the 2 layers"),
     (["stage.trainable=[projector,vision]"], r"stage.trainable names \['vision'\]: choose from vision_model"),

@@ -115,7 +115,8 @@ def test_irope_with_chunked_attention_equals_llama4(megatron_single_process):
     """LLaMA 4's iRoPE (model.no_rope_freq=4: every 4th layer without rotary and with full causal attention, the
     others rotary and attending within chunks of model.attention_chunk_size tokens): logits equal transformers'
     Llama4ForCausalLM (dense layers, interleaved rotary pairs as LLaMA 4 rotates) on a sequence five chunks long,
-    for a batch whose rows are right-padded to different lengths; chunking changes the logits."""
+    for a batch whose rows are right-padded to different lengths; chunking changes the logits; packed samples are
+    chunked each from its own start."""
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
     chunk, seq, layers = 8, 40, 4
@@ -149,6 +150,22 @@ def test_irope_with_chunked_attention_equals_llama4(megatron_single_process):
             print(f"iRoPE, chunks of {chunk}, row of {n} tokens: max |logit diff| {diff:.2e} of {expected.abs().max():.2f}")
             torch.testing.assert_close(got[row, :n], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert torch.equal(got[:, :chunk], full[:, :chunk]) and (got[:, chunk:] - full[:, chunk:]).abs().max() > 1e-3
+
+    # Two samples packed in one row (block-diagonal mask, positions from 0 in each): each counts its chunks from
+    # its own first token, so the row's logits are the samples' logits alone.
+    def causal(n):
+        return ~torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+
+    first = 21  # neither sample a whole number of chunks
+    packed_mask = causal(seq)
+    packed_mask[..., first:, :first] = True
+    positions = torch.cat([torch.arange(first), torch.arange(seq - first)])[None]
+    with torch.no_grad():
+        packed = model(ids[:1], positions, attention_mask=packed_mask)[0]
+        alone = torch.cat([model(part, torch.arange(part.shape[1])[None], attention_mask=causal(part.shape[1]))[0]
+                           for part in (ids[:1, :first], ids[:1, first:])])
+    print(f"iRoPE packed row of {first} + {seq - first} tokens vs alone: {(packed - alone).abs().max():.2e}")
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
 
     # Cached decoding of right-padded prompts longer than a chunk: each step's logits as without the cache.
     from nemo_pixellm.generate import generate

@@ -74,11 +74,11 @@ class SDPACoreAttention(MegatronModule):
 
 def chunked(visible: torch.Tensor | None, queries: int, keys: int, chunk: int, device) -> torch.Tensor:
     """The causal (or given) visibility, True = attend, limited to keys in the query's chunk of ``chunk`` tokens.
-    Tokens are counted as the rows see them: a key's index is the number of real keys before it (padding and
-    cache slots of shorter rows do not count), a query's is the number of keys it sees, minus one."""
+    Tokens are counted as each query sees them: a key's index is the number of keys the query sees before it, the
+    query's is the number it sees minus one. So padding and cache slots of shorter rows do not count, and packed
+    samples (a block-diagonal mask) count from their own first token."""
     if visible is None:  # causal; queries are the last ones (a decoding step follows the cached keys)
         visible = torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=keys - queries)[None, None]
-    real = visible[..., -1:, :]  # [b, 1, 1, keys]: what the newest query sees is every real token
-    key_index = real.cumsum(-1) - 1
-    query_index = visible.sum(-1, keepdim=True) - 1
+    key_index = visible.cumsum(-1, dtype=torch.int32) - 1
+    query_index = key_index[..., -1:]  # the last key index = the number of keys seen - 1
     return visible & (key_index // chunk == query_index // chunk)

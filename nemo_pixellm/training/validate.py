@@ -168,9 +168,6 @@ def validate_run(cfg, container) -> None:
         if m.attention_chunk_size and resolve_use_te(m.use_te):
             raise ConfigError("model.attention_chunk_size: chunked attention runs on the local backend only "
                               "(Transformer Engine has no chunked mask here): set model.use_te=false")
-        if m.attention_chunk_size and container.dataset.pack:
-            raise ConfigError("model.attention_chunk_size counts chunks per sequence, which packed samples would "
-                              "share: set dataset.pack=false")
     if container.ddp.use_distributed_optimizer != container.optimizer.use_distributed_optimizer:
         raise ConfigError("ddp.use_distributed_optimizer and optimizer.use_distributed_optimizer differ: set "
                           "optimizer.use_distributed_optimizer only (conf/config.yaml passes it on to ddp)")
