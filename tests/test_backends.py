@@ -79,7 +79,7 @@ def test_te_decoder_layer_is_megatron_s_te_layer(monkeypatch):
     """On Transformer Engine the plugin's layer builder gives exactly Megatron's TE MLA layer (norms fused into
     the up projections and the dense fc1, TELinear down projections, TE attention), and with
     multi_latent_attention=false Megatron's TE GQA layer (the input norm fused into qkv), with only the attention
-    class changed to PixelLM's. Without TE installed Megatron binds TE's classes as distinct placeholders, so the
+    class changed to PixelLM's (and the MoE router to PixelLM's, which jitters in training only). Without TE installed Megatron binds TE's classes as distinct placeholders, so the
     slot-by-slot comparison still tells them apart."""
     from types import SimpleNamespace
 
@@ -101,6 +101,11 @@ def test_te_decoder_layer_is_megatron_s_te_layer(monkeypatch):
                 num_experts=8 if moe else None, moe_grouped_gemm=moe, qk_layernorm=True, multi_latent_attention=mla)
             assert megatron.self_attention.module is not attention
             megatron.self_attention.module = attention
+            if moe:
+                from nemo_pixellm.models.router import PixelTopKRouter
+
+                assert megatron.mlp.keywords["submodules"].router is not PixelTopKRouter
+                megatron.mlp.keywords["submodules"].router = PixelTopKRouter
             if not mla:  # Megatron's GQA layer also renames its TE op-fuser MLP's keys (mlp.0, mlp.1.basic_ops...),
                 # which exist only with use_te_op_fuser, an MLP the plugin does not build
                 assert all(k.startswith(("mlp.0.", "mlp.1.", "mlp.3.")) for k in megatron.sharded_state_dict_keys_map)

@@ -129,8 +129,6 @@ BAD_CONFIGS = [
     (["vqa_eval.interval=10", "dataset.path={d}/captions", "dataset.text_ratio=0"], "vqa_eval.interval asks the held-out questions of "
      "dataset.valid_path, which is unset"),
     (["stage.init_from={d}/empty"], "stage.init_from=.*empty is not a checkpoint directory"),
-    (["+router=aux_loss", "+model.moe_input_jitter_eps=0.01"], "model.moe_input_jitter_eps=0.01: Megatron-Core 0.19.2's "
-     "router applies the jitter in evaluation and decoding too"),
     (["model.multi_latent_attention=false", "model.num_query_groups=3"], "model.num_query_groups=3 does not "
      "divide the 4 attention heads"),
     (["+model.attention_chunk_size=16"], "model.attention_chunk_size is LLaMA 4's interleaved RoPE / NoPE attention: "

@@ -192,3 +192,40 @@ def test_llama4_cpu_variant_trains_stage2(cache_dir, tmp_path):
     loss = losses(tmp_path / "run")
     print("llama4_cpu stage 2 losses:", loss)
     assert loss[6] < loss[1]
+
+
+def test_gqa_language_model_exports_as_qwen2_and_imports_back(qwen_like, megatron_single_process, tmp_path):
+    """A grouped-query language model with q / k / v biases is written as transformers' Qwen2ForCausalLM (the
+    export's language_model/), which AutoModelForCausalLM loads with equal logits at text positions, and
+    model.language_pretrained_path starts a model from it tensor for tensor; a MoE grouped-query model and a
+    checkpoint of the other attention kind are refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_pixellm.hf.language_model import write_hf_language_model
+
+    language_model = qwen_like.language_model
+    write_hf_language_model(language_model.state_dict(), language_model.config, VOCAB, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ids = torch.randint(6, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = hf(input_ids=ids).logits, qwen_like(ids, torch.arange(40).expand(3, 2, 40))
+    print(f"export as Qwen2ForCausalLM: max |logit diff| {(got - expected).abs().max():.2e} of {expected.abs().max():.2f}")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+    sizes = dict(add_qkv_bias=True, mrope_section=SECTIONS, **GQA)
+    back = build_pixellm(megatron_single_process, seed=11, language_pretrained_path=str(tmp_path / "hf"), **sizes)
+    theirs = back.language_model.state_dict()
+    assert all(torch.equal(t, theirs[k]) for k, t in language_model.state_dict().items() if "_extra_state" not in k)
+
+    moe = build_pixellm(megatron_single_process, **{**GQA, "num_moe_experts": 4, "moe_router_topk": 2,
+                                                    "moe_ffn_hidden_size": 32})
+    with pytest.raises(ValueError, match="model.num_moe_experts=4 cannot be exported to Hugging Face: transformers has no "
+                                         "class with this MoE"):
+        write_hf_language_model(moe.language_model.state_dict(), moe.language_model.config, VOCAB, tmp_path / "moe")
+    from conftest import TINY_LM
+
+    with pytest.raises(ValueError, match=r"holds a qwen2 model; the configured model has multi-latent attention, which "
+                                         r"starts from deepseek_v3"):
+        build_pixellm(megatron_single_process, language_pretrained_path=str(tmp_path / "hf"),
+                      **{**TINY_LM, "vocab_size": VOCAB, "seq_length": 64, "image_token_id": 5})

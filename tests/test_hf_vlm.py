@@ -1,8 +1,10 @@
 """The whole exported VLM in transformers (nemo_pixellm.hf.PixelLMForConditionalGeneration + PixelLMProcessor,
-built from transformers' SiglipVisionModel / DeepseekV3ForCausalLM): on requests with images of other sizes and
+built from transformers' SiglipVisionModel and DeepseekV3ForCausalLM, or LlamaForCausalLM for a PaliGemma-style
+grouped-query decoder with tied embeddings): for either, on requests with images of other sizes and
 aspect ratios, several images and none, its logits equal the Megatron model's on the same weights, and its
 generate() gives the tokens of the plugin's own decoding."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -41,11 +43,22 @@ REQUESTS = [("what colour is the square", [picture(90, 60, 1)]),  # 2 x 1 tiles
             ("what is the shape left", [picture(90, 60, 4), picture(40, 40, 5), picture(70, 30, 6)])]  # 3: untiled
 
 
-@pytest.fixture(scope="module")
-def exported(megatron_single_process, tmp_path_factory):
+# PaliGemma-style: grouped-query attention with one key / value head, dense, tied embeddings, M-RoPE
+GQA_LM = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, multi_latent_attention=False,
+              num_query_groups=1, kv_channels=16, qk_layernorm=False, num_moe_experts=None, moe_layer_freq=1,
+              share_embeddings_and_output_weights=True, mrope_section=[2, 3, 3])
+LANGUAGE_MODELS = {"mla": TINY_LM, "gqa": GQA_LM}
+
+
+def model_sizes(kind: str, tokenizer) -> dict:
+    return dict(vocab_size=64, seq_length=256, image_token_id=tokenizer.image_id, **LANGUAGE_MODELS[kind],
+                **TINY_VISION_56)
+
+
+@pytest.fixture(scope="module", params=list(LANGUAGE_MODELS))
+def exported(request, megatron_single_process, tmp_path_factory):
     tokenizer = word_tokenizer()
-    model = build_pixellm(megatron_single_process, vocab_size=64, seq_length=256, image_token_id=tokenizer.image_id,
-                          **TINY_LM, **TINY_VISION_56)
+    model = build_pixellm(megatron_single_process, **model_sizes(request.param, tokenizer))
     randomize(model, seed=5)
     out = tmp_path_factory.mktemp("export")
     export_model(model, out, tokenizer, LAYOUT)
@@ -175,7 +188,10 @@ def test_an_export_imports_back(exported, megatron_single_process, tmp_path):
     the exported model's (from another seed's start), and exporting it again writes the same bytes; a misfit is
     refused naming the tensor or the key."""
     model, tokenizer, out = exported
-    sizes = dict(vocab_size=64, seq_length=256, image_token_id=tokenizer.image_id, **TINY_LM, **TINY_VISION_56)
+    kind = "mla" if model.config.multi_latent_attention else "gqa"
+    assert json.loads((out / "language_model" / "config.json").read_text())["architectures"] == [
+        {"mla": "DeepseekV3ForCausalLM", "gqa": "LlamaForCausalLM"}[kind]]
+    sizes = model_sizes(kind, tokenizer)
     back = build_pixellm(megatron_single_process, seed=99, pretrained_export_path=str(out), **sizes)
     ours, theirs = back.state_dict(), model.state_dict()
     assert set(ours) == set(theirs)

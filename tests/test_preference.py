@@ -197,6 +197,8 @@ def test_dpo_starts_at_ln2_and_reports_heldout_accuracy(trained_checkpoint, cach
     (["model.pipeline_model_parallel_size=2", "stage.init_from={ckpt}"], "pipeline_model_parallel_size=1"),
     (["model.calculate_per_token_loss=false", "stage.init_from={ckpt}"], "calculate_per_token_loss=true"),
     (["stage.updates_per_rollout=0", "stage.init_from={ckpt}"], "stage.updates_per_rollout=0: give the optimizer steps"),
+    (["+model.moe_input_jitter_eps=0.01", "stage.init_from={ckpt}"], "model.moe_input_jitter_eps=0.01: the jitter would "
+     "make the training forward's log-probs differ"),
 ])
 def test_bad_stage4_settings_are_refused(overrides, message, cache_dir, tmp_path, monkeypatch):
     from nemo_pixellm.training.config import build_config

@@ -170,3 +170,33 @@ def test_aux_loss_router_equals_mixtral(megatron_single_process):
     # float32 sums in another order: compared at 1e-5 of the largest gradient entry
     torch.testing.assert_close(r.weight.grad, weight.grad, rtol=1e-5, atol=1e-5 * weight.grad.abs().max().item())
     assert weight.grad.abs().max() > 0
+
+
+def test_input_jitter_noises_training_only(megatron_single_process):
+    """Switch Transformer's router input jitter (model.moe_input_jitter_eps): in training the router sees its input
+    times Uniform(1 - eps, 1 + eps) per element (the same routing as Megatron's jitter computed by hand from the
+    same random state), in evaluation exactly the un-jittered routing, so decoding and log-probs stay deterministic."""
+    eps = 0.3
+    model = build_router_model(megatron_single_process, moe_router_score_function="softmax",
+                               moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0,
+                               moe_router_pre_softmax=False, moe_router_enable_expert_bias=False,
+                               moe_input_jitter_eps=eps)
+    r = model.language_model.decoder.layers[1].mlp.router
+    x = torch.randn(32, 2, HIDDEN, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        clean = torch.softmax(x.reshape(-1, HIDDEN) @ r.weight.T, -1).topk(TOP_K, -1)
+        expected_clean = torch.zeros(64, EXPERTS).scatter(1, clean.indices, clean.values / clean.values.sum(-1, keepdim=True))
+        r.eval()
+        torch.testing.assert_close(r(x)[0], expected_clean, rtol=1e-6, atol=1e-7)
+        r.train()
+        torch.manual_seed(3)
+        jittered = r(x)[0]
+        torch.manual_seed(3)
+        noise = torch.distributions.Uniform(torch.tensor(1.0 - eps), torch.tensor(1.0 + eps)).rsample(x.shape)
+        top = torch.softmax((x * noise).reshape(-1, HIDDEN) @ r.weight.T, -1).topk(TOP_K, -1)
+        expected = torch.zeros(64, EXPERTS).scatter(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+        r.eval()
+    torch.testing.assert_close(jittered, expected, rtol=1e-6, atol=1e-7)
+    changed = (jittered > 0).ne(expected_clean > 0).any(-1).float().mean().item()
+    print(f"input jitter eps={eps}: {changed:.0%} of tokens routed to other experts in training, none in evaluation")
+    assert changed > 0

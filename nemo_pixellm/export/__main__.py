@@ -3,8 +3,9 @@
     python -m nemo_pixellm.export checkpoint=<checkpoint.save dir> out=<new dir> [ema=false]
 
 Writes, under ``out``:
-- ``language_model/``: a ``DeepseekV3ForCausalLM`` (config.json, model.safetensors, tokenizer.json). Exact
-  for text: M-RoPE with text positions is the 1D RoPE DeepseekV3 applies.
+- ``language_model/``: a ``DeepseekV3ForCausalLM`` (MLA) or ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (dense
+  grouped-query attention; hf/language_model.py) with config.json, model.safetensors, tokenizer.json. Exact for
+  text: M-RoPE with text positions is the 1D RoPE those classes apply.
 - ``vision_tower/``: a ``SiglipVisionModel`` (config.json, model.safetensors) at the tower's base resolution.
 - ``projector.safetensors``: the pixel-unshuffle MLP, the image-newline and view-separator embeddings.
 - ``pixellm.json``: what joins them (image token id, tiling and M-RoPE settings).
@@ -24,7 +25,7 @@ from nemo_pixellm import compat
 compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
 
 from nemo_pixellm.data import sources
-from nemo_pixellm.hf.deepseek_v3 import deepseek_v3_config, write_hf_checkpoint
+from nemo_pixellm.hf.language_model import write_hf_language_model
 from nemo_pixellm.hf.siglip import siglip_config, tower_to_siglip
 
 
@@ -45,7 +46,7 @@ def export_model(model, out, tokenizer=None, data_config=None) -> None:
     config = model.config
     language_model = model.language_model
     vocab_size = language_model.embedding.word_embeddings.weight.shape[0]
-    write_hf_checkpoint(language_model.state_dict(), deepseek_v3_config(config, vocab_size), out / "language_model")
+    write_hf_language_model(language_model.state_dict(), config, vocab_size, out / "language_model")
     if tokenizer is not None:
         tokenizer.tok.save(str(out / "language_model" / "tokenizer.json"))
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 
 def read_hf_config(directory, key: str, expected_class: str) -> dict:
@@ -15,6 +15,15 @@ def read_hf_config(directory, key: str, expected_class: str) -> dict:
         raise FileNotFoundError(f"no config.json in {directory}: {key} must be a Hugging Face {expected_class} "
                                 "directory (save_pretrained output)")
     return json.loads(config_file.read_text())
+
+
+def save_hf_checkpoint(hf_state: dict[str, torch.Tensor], hf_config, directory) -> None:
+    """Tensors already under Hugging Face names + their config -> a ``from_pretrained`` directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in hf_state.items()}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    hf_config.save_pretrained(directory)
 
 
 def refuse_misfit(directory, what: str, ours: dict, theirs: dict, keys: dict[str, str]) -> None:

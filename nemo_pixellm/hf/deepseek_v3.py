@@ -7,12 +7,10 @@ are fused into it (``*.layer_norm_weight``): both spellings are listed and which
 """
 
 import re
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from nemo_pixellm.hf.checkpoints import read_hf_checkpoint, read_hf_config, refuse_misfit
+from nemo_pixellm.hf.checkpoints import save_hf_checkpoint
 
 # (Megatron names, HF name). {l} = layer, {e} = expert. The first Megatron name present is used.
 _LAYER_TABLE = [
@@ -100,11 +98,7 @@ def hf_to_megatron(hf_state_dict: dict[str, torch.Tensor], megatron_names) -> di
 
 def write_hf_checkpoint(language_model_state: dict[str, torch.Tensor], hf_config, directory) -> None:
     """Export the language model as a DeepseekV3ForCausalLM checkpoint (config.json + model.safetensors)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in megatron_to_hf(language_model_state).items()}
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    hf_config.save_pretrained(directory)
+    save_hf_checkpoint(megatron_to_hf(language_model_state), hf_config, directory)
 
 
 def moe_pattern(config) -> list[int]:
@@ -152,40 +146,3 @@ def deepseek_v3_config(config, vocab_size: int):
         v_head_dim=config.v_head_dim, max_position_embeddings=config.seq_length, rms_norm_eps=config.layernorm_epsilon,
         rope_parameters=rope, tie_word_embeddings=config.share_embeddings_and_output_weights,
     )
-
-
-# What a DeepseekV3 config.json must say for this model (HF key -> the PixelLM key that sets it).
-_CONFIG_KEYS = {
-    "hidden_size": "model.hidden_size", "num_hidden_layers": "model.num_layers",
-    "num_attention_heads": "model.num_attention_heads", "q_lora_rank": "model.q_lora_rank",
-    "kv_lora_rank": "model.kv_lora_rank", "qk_nope_head_dim": "model.qk_head_dim",
-    "qk_rope_head_dim": "model.qk_pos_emb_head_dim", "v_head_dim": "model.v_head_dim",
-    "n_routed_experts": "model.num_moe_experts", "num_experts_per_tok": "model.moe_router_topk",
-    "moe_intermediate_size": "model.moe_ffn_hidden_size", "intermediate_size": "model.ffn_hidden_size",
-    "vocab_size": "the tokenizer's vocabulary (dataset.tokenizer_path)",
-}
-
-
-def load_hf_language_model(language_model: torch.nn.Module, directory, config) -> None:
-    """Start ``language_model`` (a 1-process PixelLM language model) from a Hugging Face DeepseekV3ForCausalLM
-    directory (``model.language_pretrained_path``). A config or tensor that does not fit is refused by name."""
-    directory = Path(directory)
-    theirs = read_hf_config(directory, "model.language_pretrained_path", "DeepseekV3ForCausalLM")
-    for size in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
-        if getattr(config, size) != 1:
-            raise ValueError(f"model.language_pretrained_path imports in one process (model.{size}="
-                             f"{getattr(config, size)}): import once with the parallel sizes at 1, save, then start "
-                             "the parallel run from that checkpoint (stage.init_from), which Megatron reshards")
-    refuse_misfit(directory, "language model", deepseek_v3_config(config, config.vocab_size).to_dict(), theirs,
-                  _CONFIG_KEYS)
-    params = {k: v for k, v in language_model.state_dict().items() if not k.endswith("._extra_state")}
-    hf_state = read_hf_checkpoint(directory)
-    absent = sorted({n for names in name_routes(params).values() for n in names} - set(hf_state))
-    if absent:
-        raise KeyError(f"{directory} lacks {absent[:5]}{' ...' if len(absent) > 5 else ''}")
-    state = hf_to_megatron(hf_state, params)
-    for name, tensor in state.items():
-        if tensor.shape != params[name].shape:
-            raise ValueError(f"{directory}: {' + '.join(name_routes([name])[name])} gives {name} the shape "
-                             f"{tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}")
-    language_model.load_state_dict({k: v.to(params[k].dtype) for k, v in state.items()}, strict=False)

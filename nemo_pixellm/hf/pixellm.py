@@ -6,8 +6,9 @@
     inputs = processor("What colour is the car?", images=[Image.open("car.jpg")])
     print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs["input_ids"].shape[1]:]))
 
-transformers' own classes do the work: ``SiglipVisionModel`` (the tower), ``DeepseekV3ForCausalLM`` (the
-language model, its rotary module extended to M-RoPE ids) and ``GenerationMixin`` (decoding with the KV cache);
+transformers' own classes do the work: ``SiglipVisionModel`` (the tower), the language model's class
+(``DeepseekV3ForCausalLM``, or ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` for grouped-query attention; its rotary
+module extended to M-RoPE ids) and ``GenerationMixin`` (decoding with the KV cache);
 the joining code here is the projector (pixel-unshuffle MLP and the view layout of ``nemo_pixellm.tiling``),
 the image features scattered into the image-token positions, and the processor, which lays a request out
 exactly as training did (``nemo_pixellm.prompts``: tiling, placeholders, chat template, M-RoPE ids).
@@ -20,9 +21,8 @@ from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
-from transformers import (BatchFeature, DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig, GenerationMixin,
-                          PretrainedConfig, PreTrainedModel, SiglipVisionConfig, SiglipVisionModel)
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+from transformers import (AutoConfig, AutoModelForCausalLM, BatchFeature, GenerationConfig,
+                          GenerationMixin, PretrainedConfig, PreTrainedModel, SiglipVisionConfig, SiglipVisionModel)
 
 from nemo_pixellm import tiling
 from nemo_pixellm.data.tokenizer import PixelTokenizer
@@ -40,7 +40,7 @@ def _check_export(directory: Path) -> None:
 
 class PixelLMConfig(PretrainedConfig):
     model_type = "pixellm"
-    sub_configs = {"text_config": DeepseekV3Config, "vision_config": SiglipVisionConfig}
+    sub_configs = {"text_config": AutoConfig, "vision_config": SiglipVisionConfig}
 
     def __init__(self, text_config=None, vision_config=None, image_token_id: int = 0, patch_size: int = 14,
                  downsample: int = 2, mrope_section: list[int] | None = None, projector_ffn_hidden_size: int = 0,
@@ -51,23 +51,27 @@ class PixelLMConfig(PretrainedConfig):
         self.image_size, self.max_tiles = image_size, max_tiles
         super().__init__(**kwargs)
         # After the base init, which would reset the loaded parts' attention / experts implementation.
-        self.text_config = text_config if isinstance(text_config, PretrainedConfig) else DeepseekV3Config(**(text_config or {}))
+        if not isinstance(text_config, PretrainedConfig):
+            text_config = dict(text_config or {})
+            text_config = AutoConfig.for_model(text_config.pop("model_type", "deepseek_v3"), **text_config)
+        self.text_config = text_config
         self.vision_config = (vision_config if isinstance(vision_config, PretrainedConfig)
                               else SiglipVisionConfig(**(vision_config or {})))
 
 
-class MRopeRotaryEmbedding(DeepseekV3RotaryEmbedding):
-    """DeepseekV3's rotary table at M-RoPE ids [3, b, s] (t / h / w; each frequency pair follows the axis of its
-    ``mrope_section``), or at 1D ids [b, s] as before; YaRN's scaling included."""
+class MRopeRotaryEmbedding(torch.nn.Module):
+    """The language model's own rotary table (cos, sin [b, s, d] in transformers' half-split layout; YaRN's scaling
+    included) at M-RoPE ids [3, b, s] (t / h / w; each frequency pair follows the axis of its ``mrope_section``),
+    or at 1D ids [b, s] as before."""
 
-    def __init__(self, config, mrope_section: list[int]):
-        super().__init__(config)
-        self.mrope_section = tuple(mrope_section)
+    def __init__(self, rotary: torch.nn.Module, mrope_section: list[int]):
+        super().__init__()
+        self.rotary, self.mrope_section = rotary, tuple(mrope_section)
 
     def forward(self, x, position_ids):
         if position_ids.dim() == 2:
-            return super().forward(x, position_ids)
-        cos, sin = zip(*(super(MRopeRotaryEmbedding, self).forward(x, ids) for ids in position_ids))  # 3 x [b, s, d]
+            return self.rotary(x, position_ids)
+        cos, sin = zip(*(self.rotary(x, ids) for ids in position_ids))  # 3 x [b, s, d]
         axis = tiling.mrope_axis_per_column(self.mrope_section, cos[0].shape[-1]).to(x.device)
         pick = axis.view(1, 1, 1, -1).expand(1, *cos[0].shape)
         return (torch.stack(cos).gather(0, pick)[0], torch.stack(sin).gather(0, pick)[0])
@@ -104,9 +108,10 @@ class PixelLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.vision_tower = vision_tower or SiglipVisionModel(config.vision_config)
         self.projector = PixelLMProjector(config)
-        self.language_model = language_model or DeepseekV3ForCausalLM(config.text_config)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         if config.mrope_section:
-            self.language_model.model.rotary_emb = MRopeRotaryEmbedding(config.text_config, config.mrope_section)
+            model = self.language_model.model
+            model.rotary_emb = MRopeRotaryEmbedding(model.rotary_emb, config.mrope_section)
 
     @classmethod
     def from_pretrained(cls, directory, dtype=torch.float32, attn_implementation: str = "eager"):
@@ -114,8 +119,8 @@ class PixelLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         directory = Path(directory)
         _check_export(directory)
         joins = json.loads((directory / "pixellm.json").read_text())
-        language_model = DeepseekV3ForCausalLM.from_pretrained(directory / "language_model", dtype=dtype,
-                                                               attn_implementation=attn_implementation)
+        language_model = AutoModelForCausalLM.from_pretrained(directory / "language_model", dtype=dtype,
+                                                              attn_implementation=attn_implementation)
         vision_tower = SiglipVisionModel.from_pretrained(directory / "vision_tower", dtype=dtype,
                                                          attn_implementation=attn_implementation)
         projector = load_file(directory / "projector.safetensors")

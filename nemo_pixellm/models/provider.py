@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_pixellm import compat
 from nemo_pixellm.hf.checkpoints import load_exported_projector
-from nemo_pixellm.hf.deepseek_v3 import load_hf_language_model
+from nemo_pixellm.hf.language_model import load_hf_language_model
 from nemo_pixellm.hf.siglip import load_siglip_tower
 from nemo_pixellm.models.language_model import PixelGPTModel
 from nemo_pixellm.models.pixellm import PixelLMModel
@@ -78,7 +78,7 @@ class PixelLMProvider(MLAModelProvider):
     vision_image_size: int = 384  # resolution of the learned position table; other sizes interpolate
     vision_layernorm_epsilon: float = 1e-6
     vision_pretrained_path: str | None = None  # a Hugging Face SiglipVisionModel directory to start the tower from
-    language_pretrained_path: str | None = None  # a Hugging Face DeepseekV3ForCausalLM directory to start the LM from
+    language_pretrained_path: str | None = None  # a Hugging Face directory to start the LM from (hf/language_model.py)
     pretrained_export_path: str | None = None  # a python -m nemo_pixellm.export directory: the whole VLM starts from it
 
     # Projector: pixel-unshuffle factor and MLP width (None = LM hidden size).

@@ -6,6 +6,9 @@
 - The vision tower: pre-norm ViT layers (LayerNorm, bidirectional attention, GELU MLP, biases).
 """
 
+from dataclasses import replace
+from functools import partial
+
 from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -25,6 +28,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from nemo_pixellm.models.backend import spec_provider
 from nemo_pixellm.models.gqa import PixelSelfAttention
 from nemo_pixellm.models.mla import PixelMLASelfAttention
+from nemo_pixellm.models.router import PixelTopKRouter
 
 
 def decoder_layer_submodules(backend: BackendSpecProvider, config, moe: bool) -> TransformerLayerSubmodules:
@@ -46,9 +50,8 @@ def decoder_layer_submodules(backend: BackendSpecProvider, config, moe: bool) ->
     mlp = dict(
         self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=backend.layer_norm(rms_norm=True, has_residual=True) if moe or not fused else IdentityOp,
-        mlp=get_mlp_module_spec_for_backend(
-            backend, num_experts=config.num_moe_experts if moe else None,
-            moe_grouped_gemm=moe and config.moe_grouped_gemm, use_te_activation_func=config.use_te_activation_func),
+        mlp=moe_spec(backend, config) if moe else get_mlp_module_spec_for_backend(
+            backend, use_te_activation_func=config.use_te_activation_func),
         mlp_bda=get_bias_dropout_add,
     )
     if not config.multi_latent_attention:
@@ -73,6 +76,15 @@ def decoder_layer_submodules(backend: BackendSpecProvider, config, moe: bool) ->
         sharded_state_dict_keys_map=keys_map,
         **mlp,
     )
+
+
+def moe_spec(backend: BackendSpecProvider, config):
+    """Megatron's MoE layer spec for the backend, with the router that jitters in training only (``router.py``)."""
+    megatron = get_mlp_module_spec_for_backend(backend, num_experts=config.num_moe_experts,
+                                               moe_grouped_gemm=config.moe_grouped_gemm,
+                                               use_te_activation_func=config.use_te_activation_func)
+    submodules = replace(megatron.keywords["submodules"], router=PixelTopKRouter)
+    return partial(megatron.func, *megatron.args, **{**megatron.keywords, "submodules": submodules})
 
 
 def gqa_layer_submodules(backend: BackendSpecProvider, config, fused: bool, keys_map: dict,

@@ -46,6 +46,10 @@ def check_stage4(stage, train, model, data, init_from_pending: bool = False) -> 
                               "integer >= 1 (1: every step samples with its own weights)")
         if not 0 < float(stage.epsilon) < 1:
             raise ConfigError(f"stage.epsilon={stage.epsilon}: give the ratio clip in (0, 1), e.g. 0.2")
+        if model.moe_input_jitter_eps is not None:
+            raise ConfigError(f"model.moe_input_jitter_eps={model.moe_input_jitter_eps}: the jitter would make the "
+                              "training forward's log-probs differ from the rollout's (the router is frozen in stage 4 "
+                              "anyway): set model.moe_input_jitter_eps=null")
         if data.task != "vqa":
             raise ConfigError(f"stage4 GRPO asks the questions of dataset.task=vqa records (their answers are the "
                               f"reward), not dataset.task={data.task}")

@@ -27,7 +27,7 @@ def validate_model_keys(model_values: dict) -> None:
     for key, instead in DERIVED_MODEL_KEYS.items():
         if key in model_values:
             raise ConfigError(f"model.{key} is set from {instead}: drop model.{key} and set that instead")
-    for key, kind in (("vision_pretrained_path", "SiglipVisionModel"), ("language_pretrained_path", "DeepseekV3ForCausalLM")):
+    for key, kind in (("vision_pretrained_path", "SiglipVisionModel"), ("language_pretrained_path", "DeepseekV3ForCausalLM / LlamaForCausalLM")):
         path = model_values.get(key)
         if path and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.{key}={path} is not a Hugging Face {kind} directory (no config.json there): "
@@ -36,11 +36,6 @@ def validate_model_keys(model_values: dict) -> None:
     if isinstance(no_rope, int) and no_rope and layers and layers % no_rope:  # before Megatron asserts it
         raise ConfigError(f"model.no_rope_freq={no_rope} (one layer in {no_rope} without RoPE) does not divide the "
                           f"{layers} layers: give a divisor, or a 0/1 list with one entry per layer")
-    if model_values.get("moe_input_jitter_eps") is not None:
-        raise ConfigError(f"model.moe_input_jitter_eps={model_values['moe_input_jitter_eps']}: Megatron-Core "
-                          "0.19.2's router applies the jitter in evaluation and decoding too (TopKRouter.forward "
-                          "does not check training), which would make answers and GRPO's log-probs random: drop "
-                          "model.moe_input_jitter_eps (the load-balancing loss of +router=aux_loss needs no noise)")
     path = model_values.get("pretrained_export_path")
     if path and not (Path(path) / "pixellm.json").is_file():
         raise ConfigError(f"model.pretrained_export_path={path} is not a PixelLM export (no pixellm.json there): give "
