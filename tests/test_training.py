@@ -55,6 +55,23 @@ def test_resume_continues_the_same_trajectory(cache_dir, tmp_path):
     assert len(keys("straight")) >= 20 * 8 and any(k.startswith("text_") for k in keys("straight"))
 
 
+def changed(a: dict, b: dict, prefix: str) -> set[str]:
+    names = [k for k in a if k.startswith(prefix)]
+    assert names, prefix
+    return {k for k in names if not torch.equal(a[k], b[k])}
+
+
+def assert_hand_offs(weights: dict, hand_offs) -> None:
+    """(before, after, trainable modules): between the two stages' checkpoints exactly those modules moved."""
+    for before, after, trainable in hand_offs:
+        for module in ("vision_model", "projector", "language_model"):
+            moved = changed(weights[before], weights[after], module)
+            if module in trainable:
+                assert moved, f"{after}: {module} should train"
+            else:
+                assert not moved, f"{after}: {module} is frozen but changed: {sorted(moved)[:3]}"
+
+
 def test_pipeline_chains_stages_freezing_what_they_say(cache_dir, tmp_path):
     """`python -m nemo_pixellm.pipeline`: each stage starts from the previous checkpoint (weights only) and moves
     only its trainable modules: stage1 the projector (with newline / separator), stage1_5 tower + projector."""
@@ -71,23 +88,32 @@ def test_pipeline_chains_stages_freezing_what_they_say(cache_dir, tmp_path):
     assert (ckpt["stage1"] / "latest_checkpointed_iteration.txt").read_text().strip() == "3"  # own steps from 0
     w = {s: checkpoint_tensors(ckpt[s], tmp_path) for s in stages}
     assert len({frozenset(v) for v in w.values()}) == 1
-
-    def changed(a, b, prefix):
-        names = [k for k in a if k.startswith(prefix)]
-        assert names, prefix
-        return {k for k in names if not torch.equal(a[k], b[k])}
-
-    hand_offs = (("stage2", "stage1", {"projector"}), ("stage1", "stage1_5", {"vision_model", "projector"}),
-                 ("stage1_5", "stage3", {"vision_model", "projector", "language_model"}))
-    for before, after, trainable in hand_offs:
-        for module in ("vision_model", "projector", "language_model"):
-            moved = changed(w[before], w[after], module)
-            if module in trainable:
-                assert moved, f"{after}: {module} should train"
-            else:
-                assert not moved, f"{after}: {module} is frozen but changed: {sorted(moved)[:3]}"
+    assert_hand_offs(w, (("stage2", "stage1", {"projector"}), ("stage1", "stage1_5", {"vision_model", "projector"}),
+                         ("stage1_5", "stage3", {"vision_model", "projector", "language_model"})))
     assert any("image_newline" in k for k in changed(w["stage2"], w["stage1"], "projector"))
     assert all((ckpt[s] / f"iter_{r['steps']:07d}" / "ema_rank00000.pt").is_file() for s, r in zip(stages, rows))
+
+
+@pytest.mark.slow
+def test_every_stage_runs_on_the_llama4_variant(cache_dir, tmp_path):
+    """variant=llama4_cpu (GQA, iRoPE with chunked attention, packed samples, MoE) through the pipeline's stages
+    1 -> 1.5 -> 3 -> 4 (GRPO): each stage moves what it trains, stage 4 keeps the MoE routers frozen, and the
+    rollouts' log-probs (cached GQA decoding over chunks) equal the training forward's within 1e-5."""
+    env = dict(os.environ, NEMO_PIXELLM_CACHE=str(cache_dir), OMP_NUM_THREADS="2")
+    stages = ["stage1", "stage1_5", "stage3", "stage4"]
+    proc = subprocess.run([PYTHON, "-m", "nemo_pixellm.pipeline", f"stages=[{','.join(stages)}]", "steps=[2,2,2,2]",
+                           f"root={tmp_path}", "eval_samples=0", "variant=llama4_cpu", "dataset.pack=true", *QUICK],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    w = {s: checkpoint_tensors(tmp_path / s / "checkpoints", tmp_path) for s in stages}
+    assert_hand_offs(w, (("stage1", "stage1_5", {"vision_model", "projector"}),
+                         ("stage1_5", "stage3", {"vision_model", "projector", "language_model"}),
+                         ("stage3", "stage4", {"vision_model", "projector", "language_model"})))
+    routers = [k for k in w["stage4"] if k.endswith("mlp.router.weight")]
+    assert routers and all(torch.equal(w["stage3"][k], w["stage4"][k]) for k in routers)
+    rows = metrics(tmp_path / "stage4" / "run")
+    print("llama4_cpu stage 4:", [{k: r[k] for k in ("step", "loss", "reward", "logprob_gap")} for r in rows])
+    assert len(rows) == 2 and all(r["logprob_gap"] <= 1e-5 for r in rows)
 
 
 def test_progressive_resolution_switches_during_a_run(cache_dir, tmp_path):
