@@ -69,6 +69,27 @@ def test_latent_cache_decoding_equals_full_recompute(model):
     assert all(latent.shape == (len(prompt.tokens), 1, model.config.kv_lora_rank) for latent, _ in cache.layers.values())
 
 
+def test_absorbed_decoding_equals_re_expanding_the_cache(model, monkeypatch):
+    """Decoding steps attend over the cached latents in DeepSeek's absorbed form (W_uk folded into the query,
+    W_uv after attention); re-expanding every cached token's keys and values through linear_kv_up_proj (the
+    form it replaces) gives the same tokens and each step's logits within 1e-5."""
+    prompts = _prompts(torch.Generator().manual_seed(2))
+    calls = []
+    absorbed_decode = PixelMLASelfAttention._absorbed_decode
+    monkeypatch.setattr(PixelMLASelfAttention, "_absorbed_decode",
+                        lambda self, *args: calls.append(1) or absorbed_decode(self, *args))
+    absorbed_scores, expanded_scores = [], []
+    absorbed = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=8, scores=absorbed_scores)
+    assert len(calls) == 2 * (len(absorbed_scores) - 1)  # both MLA layers at every step after the prompt
+    monkeypatch.setattr(PixelMLASelfAttention, "_absorbable", lambda self: False)
+    expanded = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=8, scores=expanded_scores)
+    assert absorbed == expanded
+    worst = max((a - b).abs().max().item() for a, b in zip(absorbed_scores, expanded_scores))
+    print(f"absorbed vs expanded MLA decoding: max |logit diff| {worst:.2e} over {len(absorbed_scores)} steps")
+    for a, b in zip(absorbed_scores, expanded_scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_never_emits_the_image_placeholder(model):
     """A model that prefers the image token everywhere still decodes text: the placeholder has no image
     behind it (an untrained model used to emit it and crash the cached step). The tokens are the best others."""

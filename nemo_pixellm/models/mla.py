@@ -27,6 +27,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import megatron.core.transformer.multi_latent_attention as mcore_mla
 from megatron.core.inference.config import InferenceConfig
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
@@ -104,9 +105,9 @@ class _GivenTable(torch.nn.Module):
 
 class LatentCache(BaseInferenceContext):
     """The decoding cache, given to the model as its ``inference_context``. For MLA, per layer and token only
-    the normalised KV latent c_kv [kv_lora_rank] and the rotated shared rope key [rope_dim]: keys and values of
-    every head are re-expanded from it at each step (Megatron caches MLA latents only in its GPU dynamic
-    engine). For grouped-query attention (``gqa.py``) each group's key and value and the key's rope rows.
+    the normalised KV latent c_kv [kv_lora_rank] and the rotated shared rope key [rope_dim]; decoding steps
+    attend over it in the absorbed form (``PixelMLASelfAttention._absorbed_decode``; Megatron caches MLA
+    latents only in its GPU dynamic engine). For grouped-query attention (``gqa.py``) each group's key and value and the key's rope rows.
     Static batching: every row holds the same number of slots (padding is masked)."""
 
     def __init__(self):
@@ -156,6 +157,8 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
                 rotary_pos_emb=None, *args, position_ids=None, **kwargs):
         if inference_context is not None and not isinstance(inference_context, LatentCache):
             raise NotImplementedError("PixelLM's MLA decodes with its LatentCache (nemo_pixellm.generate)")
+        if inference_context is not None and self.layer_number in inference_context.layers and self._absorbable():
+            return self._absorbed_decode(hidden_states, attention_mask, inference_context, rotary_pos_emb)
         inputs = _CallInputs(rotary_pos_emb, inference_context)
         return super().forward(hidden_states, attention_mask, key_value_states, None, None, *args,
                                position_ids=inputs, **kwargs)
@@ -175,3 +178,31 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         key_nope, value = torch.split(kv, [qk_dim, self.config.v_head_dim], dim=-1)
         key = torch.cat([key_nope, rope_key.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
         return query, key.contiguous(), value.contiguous(), q_compressed, kv_compressed
+
+    def _absorbed_decode(self, hidden_states, attention_mask, cache: LatentCache, rope_table):
+        """A decoding step over the latent cache in DeepSeek's absorbed form: the key up-projection is folded
+        into the query (q_nope W_uk per head) and the value up-projection applied after attention, so scores
+        and outputs are computed against the cached latents instead of re-expanding every cached token's keys
+        and values through linear_kv_up_proj at each step. Same math as the expanded form (fp32: ~1e-7)."""
+        qk, rope, v = self.config.qk_head_dim, self.config.qk_pos_emb_head_dim, self.config.v_head_dim
+        heads, rank = self.num_attention_heads_per_partition, self.config.kv_lora_rank
+        with self.rotary_pos_emb.given(rope_table):  # the new tokens' query and (normalised) latent
+            query, key, _, _, latent = super().get_query_key_value_tensors(hidden_states)
+        latent, rope_key = cache.append(self.layer_number, latent, key[:, :, 0, qk:])  # [S, b, rank], [S, b, rope]
+        up_k, up_v = self.linear_kv_up_proj.weight.view(heads, qk + v, rank).split([qk, v], dim=1)
+        q_nope, q_rope = query.split([qk, rope], dim=-1)  # [s, b, heads, .]
+        q = torch.cat([torch.einsum("sbhd,hdc->bhsc", q_nope, up_k), q_rope.permute(1, 2, 0, 3)], dim=-1)
+        k = torch.cat([latent, rope_key], dim=-1).transpose(0, 1).unsqueeze(1)  # one key head for all heads
+        values = F.pad(latent.transpose(0, 1).unsqueeze(1), (0, rope))  # as wide as q / k: SDPA's fused kernels
+        new, keys = q.shape[2], k.shape[2]
+        visible = (~attention_mask.bool() if attention_mask is not None else  # Megatron: True = masked out
+                   torch.ones(new, keys, dtype=torch.bool, device=q.device).tril(keys - new))
+        out = F.scaled_dot_product_attention(q, k, values, attn_mask=visible, scale=self.softmax_scale,
+                                             enable_gqa=True)[..., :rank]  # [b, heads, s, rank]
+        out = torch.einsum("bhsc,hdc->sbhd", out, up_v).reshape(new, -1, heads * v)
+        return self.linear_proj(out)
+
+    def _absorbable(self) -> bool:
+        """The latent cache holds what linear_kv_up_proj reads: a plain linear after kv_layernorm (the local
+        backend; TE fuses the norm into the up projection, where decoding re-expands the cache)."""
+        return not hasattr(self.linear_kv_up_proj, "layer_norm_weight") and not self.training
