@@ -204,7 +204,7 @@ class ExportedChat(Chat):
         return 0 if self.past is None else self.past.get_seq_length()
 
     def decode(self, prompt: Prompt, on_token) -> list[int]:
-        from nemo_pixellm.hf.pixellm import TokenStreamer
+        from nemo_pixellm.hf.pixellm import TokenStreamer, answer_tokens
 
         inputs = self.processor.batch([prompt]).to(self.model.device)
         cached = self.cached()
@@ -220,7 +220,7 @@ class ExportedChat(Chat):
                 streamer=TokenStreamer(on_token, eos) if on_token else None, **self.generate_kwargs)
         self.past, self.ids = output.past_key_values, output.sequences
         new = output.sequences[0, ids.shape[1]:].tolist()
-        answer = new[:new.index(eos)] if eos in new else new
+        answer = answer_tokens(new, eos)
         # the answer's ids continue the prompt's text positions (the end token's too, once it is fed)
         start = int(positions.max()) + 1
         new_positions = torch.arange(start, start + len(new), device=positions.device).expand(3, 1, -1)
@@ -429,7 +429,7 @@ def _load_exported(args: GenerateArgs, temperature: float):
 def _exported_model(args: GenerateArgs, temperature: float):
     """The same for an export directory, through transformers (nemo_pixellm.hf; sampling draws from torch's
     global generator seeded with ``seed``, so sampled answers differ from the Megatron model's)."""
-    from nemo_pixellm.hf.pixellm import TokenStreamer
+    from nemo_pixellm.hf.pixellm import TokenStreamer, answer_tokens
 
     model, processor, sampling = _load_exported(args, temperature)
     tokenizer = processor.tokenizer
@@ -441,7 +441,7 @@ def _exported_model(args: GenerateArgs, temperature: float):
             output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **sampling,
                                     streamer=TokenStreamer(on_token, tokenizer.eos_id) if on_token else None)
         rows = output[:, inputs["input_ids"].shape[1]:].tolist()
-        return [row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row for row in rows]
+        return [answer_tokens(row, tokenizer.eos_id) for row in rows]
     return answer, tokenizer, processor.layout, model.config.text_config.max_position_embeddings
 
 

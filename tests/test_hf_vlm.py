@@ -18,6 +18,7 @@ from nemo_pixellm.data.tokenizer import PixelTokenizer
 from nemo_pixellm.export.__main__ import export_model
 from nemo_pixellm.generate import generate, prompt_from_request
 from nemo_pixellm.hf import PixelLMForConditionalGeneration, PixelLMProcessor
+from nemo_pixellm.hf.pixellm import answer_tokens
 
 from test_export import randomize
 
@@ -96,7 +97,7 @@ def test_generate_gives_the_plugin_s_greedy_tokens(exported):
         output = hf.generate(**inputs, max_new_tokens=8, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
     new = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
-    got = [row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row for row in new]  # then pads
+    got = [answer_tokens(row, tokenizer.eos_id) for row in new]  # then pads
     print("plugin:", expected, "transformers:", got)
     assert got == expected and sum(map(len, expected)) >= 8
     for step, (ours, theirs) in enumerate(zip(scores, output.logits)):

@@ -217,6 +217,11 @@ class PixelLMProcessor:
         return self.tokenizer.decode(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
 
 
+def answer_tokens(row: list[int], eos_id: int) -> list[int]:
+    """A generated row up to its end token (transformers' generate pads the rows that ended first)."""
+    return row[:row.index(eos_id)] if eos_id in row else row
+
+
 class TokenStreamer:
     """transformers' streamer protocol -> ``on_token(row, token)`` for each new token until the row's end token
     (the first ``put`` is the prompt)."""

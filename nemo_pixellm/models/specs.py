@@ -50,7 +50,7 @@ def decoder_layer_submodules(backend: BackendSpecProvider, config, moe: bool) ->
     mlp = dict(
         self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=backend.layer_norm(rms_norm=True, has_residual=True) if moe or not fused else IdentityOp,
-        mlp=moe_spec(backend, config) if moe else get_mlp_module_spec_for_backend(
+        mlp=moe_spec(backend, config) if moe and config.num_moe_experts else get_mlp_module_spec_for_backend(
             backend, use_te_activation_func=config.use_te_activation_func),
         mlp_bda=get_bias_dropout_add,
     )
