@@ -142,3 +142,18 @@ def test_grouped_experts_equal_megatron_sequential_mlp(megatron_single_process):
             results.append([out.detach(), no_grad_out, x.grad, p.grad, *grads])
         for grouped, loop in zip(*results):
             assert torch.equal(grouped, loop)
+
+
+def test_fp8_reaches_the_language_model_only_unless_asked():
+    """Precision scope: model.fp8 configures the language model's layers; the vision tower's and projector's
+    configs keep bf16 (fp8 unset) unless model.fp8_vision=true, which gives them the same FP8 settings."""
+    from nemo_pixellm.models.provider import FP8_KEYS, PixelLMProvider
+
+    fp8 = dict(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=16, bf16=True)
+    provider = PixelLMProvider(num_layers=2, hidden_size=64, num_attention_heads=4, **fp8)
+    assert provider.fp8 == "hybrid"
+    for config in (provider.vision_config(), provider.projector_config()):
+        assert config.fp8 is None and config.bf16 and config.fp8_amax_history_len != 16
+    shared = PixelLMProvider(num_layers=2, hidden_size=64, num_attention_heads=4, fp8_vision=True, **fp8)
+    for config in (shared.vision_config(), shared.projector_config()):
+        assert all(getattr(config, key) == getattr(shared, key) for key in FP8_KEYS) and config.fp8 == "hybrid"

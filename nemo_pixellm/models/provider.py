@@ -35,9 +35,10 @@ SHARED_WITH_VISION = (
     "use_cpu_initialization", "perform_initialization", "init_method", "output_layer_init_method", "init_method_std",
     "gradient_accumulation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm",
     "apply_rope_fusion", "attention_softmax_in_fp32", "apply_query_key_layer_scaling", "deterministic_mode",
-    "fp8", "fp8_recipe", "fp8_margin", "fp8_interval", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_wgrad",
-    "fp8_param", "fp8_dot_product_attention", "fp8_multi_head_attention",
 )
+# FP8 (Transformer Engine): the language model's GEMMs; the tower and projector only with fp8_vision=true.
+FP8_KEYS = ("fp8", "fp8_recipe", "fp8_margin", "fp8_interval", "fp8_amax_history_len", "fp8_amax_compute_algo",
+            "fp8_wgrad", "fp8_param", "fp8_dot_product_attention", "fp8_multi_head_attention")
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +93,17 @@ class PixelLMProvider(MLAModelProvider):
     image_token_id: int = -1  # set from the tokenizer
     trainable_modules: list[str] | None = None  # None = everything trains; else the named children that do
     freeze_moe_router: bool = False  # router weights and expert bias fixed (stage 4: NeMo-RL's RL practice)
+    fp8_vision: bool = False  # model.fp8 reaches the ViT and projector GEMMs too (default: they stay in bf16)
 
     def _module_config(self, **fields) -> TransformerConfig:
         """A TransformerConfig for the vision tower or projector: its own sizes and layer choices (``fields``),
-        and from this provider only the settings the whole model shares (SHARED_WITH_VISION)."""
+        and from this provider only the settings the whole model shares (SHARED_WITH_VISION; FP8_KEYS with
+        fp8_vision)."""
+        shared = SHARED_WITH_VISION + (FP8_KEYS if self.fp8_vision else ())
         config = TransformerConfig(
             hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=True, add_qkv_bias=True,
             gated_linear_unit=False, bias_activation_fusion=False,
-            **{name: getattr(self, name) for name in SHARED_WITH_VISION}, **fields,
+            **{name: getattr(self, name) for name in shared}, **fields,
         )
         config.use_te = self.use_te
         return config
