@@ -137,8 +137,8 @@ BAD_CONFIGS = [
      r"RoPE\) does not divide the 2 layers"),
     (["stage.trainable=[projector,vision]"], r"stage.trainable names \['vision'\]: choose from vision_model"),
     (["checkpoint.load={d}/none"], "checkpoint.load=.*none does not exist: give a checkpoint.save directory"),
-    (["+model.language_pretrained_path={d}/empty"], "model.language_pretrained_path=.*empty is not a Hugging Face "
-     "DeepseekV3ForCausalLM directory"),
+    (["+model.language_pretrained_path={d}/empty"], r"model.language_pretrained_path=.*empty is not a Hugging Face "
+     r"DeepseekV3ForCausalLM / LlamaForCausalLM directory \(no config.json there\)"),
 ]
 
 
