@@ -58,10 +58,9 @@ def build_pair(name: str):
     return plugin, hf
 
 
-def forward_macs_per_token(name: str, seq: int) -> float:
-    """Multiply-accumulates per token of one forward: every matmul the model does (active experts only),
-    causal attention counted at half the square."""
-    s = MODELS[name]
+def forward_macs_per_token(s: dict, seq: int) -> float:
+    """Multiply-accumulates per token of one forward of the language model with sizes ``s`` (MODELS' keys):
+    every matmul it does (active experts only), causal attention counted at half the square."""
     h, heads = s["hidden_size"], s["num_attention_heads"]
     qk = s["qk_head_dim"] + s["qk_pos_emb_head_dim"]
     attention = (h * s["q_lora_rank"] + s["q_lora_rank"] * heads * qk + h * (s["kv_lora_rank"] + s["qk_pos_emb_head_dim"])
@@ -126,7 +125,7 @@ def train_part(name: str, repeats: int, peak: float) -> dict:
         optimizers[hf].zero_grad(set_to_none=True)
 
     times = interleaved({"plugin": plugin_step, "transformers": hf_step}, repeats)
-    flops = 3 * 2 * forward_macs_per_token(name, seq) * batch * seq
+    flops = 3 * 2 * forward_macs_per_token(MODELS[name], seq) * batch * seq
     out = {"case": f"training step, {name} (seq {seq} x {batch})", "ratio": ratio(times)}
     for label, t in times.items():
         out[label] = statistics.median(t)

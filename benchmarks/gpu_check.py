@@ -1,0 +1,269 @@
+"""What only a GPU can show, in one command on a machine with one NVIDIA GPU (H100/H200) and this repository:
+
+    scripts/gpu_check.sh [--dry-run] [--out DIR]
+
+Each check prints its figures as it finishes and one table at the end (also DIR/gpu_check.json). A check that
+fails prints its error and the rest still run; the exit status is 1 if any failed. Checks that need Transformer
+Engine say "n/a" where it is not installed. ``--dry-run`` lists the checks and exits (CI runs it).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_transformers import MODELS, forward_macs_per_token  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = {}
+DEVICE = "cuda"  # the checks' GPU; a CPU stand-in only for trying the script's own code without one
+
+
+def synchronize():
+    if DEVICE == "cuda":
+        synchronize()
+
+# Two layers of the Pixel variant's language model (conf/variant/pixel.yaml): 288 experts top-8 in both.
+PIXEL_SLICE = dict(num_layers=2, moe_layer_freq=[1, 1], hidden_size=1024, ffn_hidden_size=2048, num_attention_heads=8,
+                   q_lora_rank=512, kv_lora_rank=128, qk_head_dim=64, qk_pos_emb_head_dim=64, v_head_dim=128,
+                   num_moe_experts=288, moe_router_topk=8, moe_ffn_hidden_size=832,
+                   moe_shared_expert_intermediate_size=2048, mrope_section=[8, 12, 12], vocab_size=102400)
+
+
+def check(description: str):
+    def register(fn):
+        CHECKS[fn.__name__] = (description, fn)
+        return fn
+    return register
+
+
+class NotApplicable(Exception):
+    """The check cannot run on this machine (a missing optional package); not a failure."""
+
+
+def have_te() -> bool:
+    from nemo_pixellm.models.backend import HAVE_TE
+    return HAVE_TE
+
+
+def on_device(model):
+    """A second model holding ``model``'s weights, on DEVICE (deepcopy cannot copy the process groups)."""
+    twin = language_model(model.sizes)
+    twin.load_state_dict(model.state_dict())
+    twin.sizes = model.sizes
+    return twin.to(DEVICE).train(model.training)
+
+
+def language_model(sizes: dict, seed: int = 7):
+    from nemo_pixellm.distributed import single_process_model
+    model = single_process_model(
+        seed, **sizes, seq_length=4096, layernorm_epsilon=1e-6, rotary_base=10000, rope_type="rope",
+        moe_router_topk_scaling_factor=1.0, init_method_std=0.02, image_token_id=sizes["vocab_size"] - 1,
+        vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
+        vision_image_size=56)
+    model.sizes = sizes
+    return model
+
+
+def token_batch(vocab: int, batch: int, seq: int, device="cpu"):
+    ids = torch.randint(0, vocab - 1, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    return ids, torch.arange(seq, device=device).expand(batch, -1)
+
+
+@check("torch, CUDA, GPU, optional GPU packages")
+def environment():
+    import megatron.core
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0),
+           "megatron_core": megatron.core.__version__}
+    for module in ("transformer_engine", "flash_attn", "apex"):
+        try:
+            out[module] = __import__(module).__version__
+        except ImportError:
+            out[module] = "not installed"
+    return out
+
+
+@check("tiny language model, CUDA fp32 logits = CPU fp32 logits; bf16 beside fp32")
+@torch.no_grad()
+def logits_cuda_vs_cpu():
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cpu = language_model(MODELS["tiny"]).eval()
+    gpu = on_device(cpu)
+    ids, positions = token_batch(MODELS["tiny"]["vocab_size"], 4, 256)
+    want = cpu(ids, positions, attention_mask=None)
+    got = gpu(ids.to(DEVICE), positions.to(DEVICE), attention_mask=None).cpu()
+    bf16 = gpu.to(torch.bfloat16)(ids.to(DEVICE), positions.to(DEVICE), attention_mask=None).float().cpu()
+    scale = want.abs().max().item()
+    return {"fp32_max_abs_diff": (got - want).abs().max().item(), "bf16_max_abs_diff": (bf16 - want).abs().max().item(),
+            "max_abs_logit": scale, "ok": (got - want).abs().max().item() <= 1e-4}
+
+
+@check("TE logits = local logits on one checkpoint (fp32, bf16)")
+def logits_te_vs_local():
+    if not have_te():
+        raise NotApplicable("transformer_engine not installed")
+    raise NotApplicable("TE vs local on one checkpoint is not written yet (issue 18)")
+
+
+@check("20 steps of stage 2 (tiny) on CPU fp32, GPU fp32, GPU bf16 (and FP8 with TE): losses")
+def train_entry_point():
+    runs = {"cpu_fp32": ({"CUDA_VISIBLE_DEVICES": ""}, []), "gpu_fp32": ({}, []),
+            "gpu_bf16": ({}, ["mixed_precision=bf16_mixed"])}
+    if have_te():
+        runs["gpu_fp8"] = ({}, ["mixed_precision=bf16_with_fp8_delayed_scaling_mixed"])
+    out = {}
+    losses = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (env, overrides) in runs.items():
+            run_dir = Path(tmp) / name
+            start = time.time()
+            proc = subprocess.run(
+                [sys.executable, "-m", "nemo_pixellm.train", "+stage=stage2", "train.train_iters=20",
+                 f"run_dir={run_dir}", f"checkpoint.save={run_dir}/checkpoints", *overrides],
+                cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            losses[name] = [r["loss"] for r in rows]
+            steps = [r["time"] for r in rows]
+            out[f"{name}_s_per_step"] = statistics.median(b - a for a, b in zip(steps[5:], steps[6:]))
+            out[f"{name}_wall_s"] = time.time() - start
+            out[f"{name}_final_loss"] = losses[name][-1]
+    out["gpu_fp32_vs_cpu_max_loss_diff"] = max(abs(a - b) for a, b in zip(losses["gpu_fp32"], losses["cpu_fp32"]))
+    out["gpu_bf16_vs_fp32_max_loss_diff"] = max(abs(a - b) for a, b in zip(losses["gpu_bf16"], losses["gpu_fp32"]))
+    out["ok"] = out["gpu_fp32_vs_cpu_max_loss_diff"] <= 1e-3
+    return out
+
+
+@check("packed per-sample losses = unpacked")
+def packing_on_te():
+    if not have_te():
+        raise NotApplicable("transformer_engine not installed")
+    raise NotApplicable("THD packing on TE is not built yet (issue 18 item 1)")
+
+
+@check("greedy tokens on CUDA = on CPU (tiny, batch 8, 32 + 64 tokens); decode tokens/s")
+@torch.no_grad()
+def generate_cuda_vs_cpu():
+    from nemo_pixellm import tiling
+    from nemo_pixellm.generate import Prompt, generate
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cpu = language_model(MODELS["tiny"]).eval()
+    gpu = on_device(cpu)
+    ids, _ = token_batch(MODELS["tiny"]["vocab_size"], 8, 32)
+    prompts = [Prompt(row.tolist(), [tiling.TextBlock(32)], torch.zeros(0, 3, 56, 56), torch.zeros(0, 2, dtype=torch.long))
+               for row in ids]
+    want = generate(cpu, prompts, eos_id=-1, pad_id=0, max_new_tokens=64)
+    generate(gpu, prompts, eos_id=-1, pad_id=0, max_new_tokens=64)  # warm-up
+    synchronize()
+    start = time.perf_counter()
+    got = generate(gpu, prompts, eos_id=-1, pad_id=0, max_new_tokens=64)
+    synchronize()
+    seconds = time.perf_counter() - start
+    same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g)) / (8 * 64)
+    return {"same_tokens": same, "gpu_tokens_per_s": 8 * 64 / seconds, "ok": same == 1.0}
+
+
+def bf16_matmul_peak() -> float:
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    synchronize()
+    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - start)
+
+
+@check("2-layer Pixel slice (288 experts top-8), bf16, seq 4096: fwd+bwd tokens/s and TFLOP/s, experts looped vs grouped")
+def pixel_slice_throughput():
+    from nemo_pixellm.models.grouped_experts import GroupedLocalExperts
+
+    peak = bf16_matmul_peak()
+    model = language_model(PIXEL_SLICE).to(DEVICE, torch.bfloat16).train()
+    batch, seq = 1, int(os.environ.get("GPU_CHECK_SEQ", 4096))
+    ids, positions = token_batch(PIXEL_SLICE["vocab_size"], batch, seq, DEVICE)
+    labels = torch.roll(ids, -1, dims=1)
+    flops = 3 * 2 * forward_macs_per_token(PIXEL_SLICE, seq) * batch * seq
+    out = {"bf16_matmul_peak_tflops": peak / 1e12}
+    losses = {}
+    for mode, devices in (("looped", ("cpu",)), ("grouped", ("cpu", DEVICE))):
+        GroupedLocalExperts.devices = devices
+        times = []
+        for i in range(6):
+            model.zero_grad(set_to_none=True)
+            synchronize()
+            start = time.perf_counter()
+            loss = model(ids, positions, attention_mask=None, labels=labels).float().mean()
+            loss.backward()
+            synchronize()
+            times.append(time.perf_counter() - start)
+            losses.setdefault(mode, loss.item())
+        seconds = statistics.median(times[2:])
+        out[f"{mode}_tokens_per_s"] = batch * seq / seconds
+        out[f"{mode}_tflops"] = flops / seconds / 1e12
+        out[f"{mode}_peak_fraction"] = flops / seconds / peak
+    GroupedLocalExperts.devices = ("cpu",)
+    out["grouped_vs_looped_loss_diff"] = abs(losses["grouped"] - losses["looped"])
+    if DEVICE == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="list the checks and exit")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check")
+    parser.add_argument("--only", nargs="+", choices=list(CHECKS), help="run these checks alone")
+    args = parser.parse_args()
+    names = args.only or list(CHECKS)
+    if args.dry_run:
+        for i, name in enumerate(names, 1):
+            print(f"{i}. {name}: {CHECKS[name][0]}")
+        return 0
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine, "
+              "or --dry-run to list the checks", file=sys.stderr)
+        return 2
+    from nemo_pixellm import compat
+    compat.enable(quiet=True)
+    results = {}
+    for name in names:
+        description, fn = CHECKS[name]
+        print(f"== {name}: {description}", flush=True)
+        start = time.time()
+        try:
+            results[name] = {"status": "ok", **fn()}
+            if results[name].get("ok") is False:
+                results[name]["status"] = "FAILED"
+        except NotApplicable as reason:
+            results[name] = {"status": "n/a", "why": str(reason)}
+        except Exception as error:  # one broken check must not hide the others' figures
+            traceback.print_exc()
+            results[name] = {"status": "FAILED", "error": f"{type(error).__name__}: {str(error)[:2000]}"}
+        results[name]["seconds"] = round(time.time() - start, 1)
+        print(json.dumps(results[name], indent=1, default=str), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"\n{'check':<26} {'status':<7} {'s':>6}  figures")
+    for name, r in results.items():
+        figures = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                            if k not in ("status", "seconds", "ok"))
+        print(f"{name:<26} {r['status']:<7} {r['seconds']:>6}  {figures[:400]}")
+    return int(any(r["status"] == "FAILED" for r in results.values()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
