@@ -30,7 +30,7 @@ DEVICE = "cuda"  # the checks' GPU; a CPU stand-in only for trying the script's 
 
 def synchronize():
     if DEVICE == "cuda":
-        synchronize()
+        torch.cuda.synchronize()
 
 # Two layers of the Pixel variant's language model (conf/variant/pixel.yaml): 288 experts top-8 in both.
 PIXEL_SLICE = dict(num_layers=2, moe_layer_freq=[1, 1], hidden_size=1024, ffn_hidden_size=2048, num_attention_heads=8,

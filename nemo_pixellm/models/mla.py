@@ -43,9 +43,11 @@ def mla_rotary(config, cp_group=None) -> torch.nn.Module:
         return YarnRotaryEmbedding(
             config.qk_pos_emb_head_dim, rotary_base=config.rotary_base, scaling_factor=config.rotary_scaling_factor,
             original_max_position_embeddings=config.original_max_position_embeddings, beta_fast=config.beta_fast,
-            beta_slow=config.beta_slow, mscale=config.mscale, mscale_all_dim=config.mscale_all_dim, cp_group=cp_group)
+            beta_slow=config.beta_slow, mscale=config.mscale, mscale_all_dim=config.mscale_all_dim, cp_group=cp_group,
+            use_cpu_initialization=config.use_cpu_initialization)
     return RotaryEmbedding(config.qk_pos_emb_head_dim, rotary_percent=config.rotary_percent,
-                           rotary_base=config.rotary_base, cp_group=cp_group)
+                           rotary_base=config.rotary_base, cp_group=cp_group,
+                           use_cpu_initialization=config.use_cpu_initialization)
 
 
 class RopeTable(torch.nn.Module):
@@ -64,7 +66,9 @@ class RopeTable(torch.nn.Module):
         rows = max(64, 1 << int(positions.max()).bit_length())
         out = self.base(rows)
         table = out[0] if isinstance(out, tuple) else out  # YaRN also returns its mscale
-        emb = table[:, 0, 0, :][positions]  # [axes, b, s, dim]
+        # Megatron keeps the frequencies in a plain attribute that model.to() does not move: a model built on
+        # one device and moved to another gets its table copied to where the positions are.
+        emb = table[:, 0, 0, :].to(positions.device)[positions]  # [axes, b, s, dim]
         if positions.shape[0] == 3:
             if self.mrope_section is None:
                 raise ValueError("position ids are [3, b, s] (M-RoPE) but model.mrope_section is not set")
