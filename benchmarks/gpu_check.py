@@ -71,7 +71,9 @@ def language_model(sizes: dict, seed: int = 7):
         vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
         vision_image_size=56)
     model.sizes = sizes
-    return model
+    # Megatron allocates some parameters (the routers') on the current CUDA device even when it initialises on
+    # CPU: put every one on the CPU, where the reference runs.
+    return model.to("cpu")
 
 
 def token_batch(vocab: int, batch: int, seq: int, device="cpu"):
