@@ -89,8 +89,9 @@ PATCHES: tuple[Patch, ...] = (
           "Bridge: setup() passes allow_no_cuda when CUDA is absent (docs/upstream/bridge-allow-no-cuda.md)"),
     Patch("megatron.bridge.training.initialize._set_random_seed", NO_CUDA,
           "Bridge skips model_parallel_cuda_manual_seed when no GPU is counted: seed the tracker", "Bridge: as above"),
-    Patch("megatron.bridge.training.initialize.compile_helpers", NO_CUDA,
-          "it runs make in megatron/core/datasets; the wheel has the built helpers and no Makefile",
+    Patch("megatron.bridge.training.initialize.compile_helpers", ALWAYS,
+          "it runs make in megatron/core/datasets; the wheel has the built helpers and no Makefile (skipped "
+          "where they import; on CPU always)",
           "Bridge: skip the build when the helpers import (affects every pip install)"),
     Patch("megatron.bridge.training.initialize.set_jit_fusion_options", NO_CUDA, "its warm-up allocates on CUDA",
           "Bridge: warm up only on CUDA"),

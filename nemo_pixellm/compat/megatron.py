@@ -61,6 +61,18 @@ def _after_initialize(initialize) -> None:
     initialize.set_jit_fusion_options = lambda *args, **kwargs: None
 
 
+def _skip_built_helpers(initialize) -> None:
+    """With CUDA: run Bridge's make of the dataset helpers only where they are not already built."""
+    compile_helpers = initialize.compile_helpers
+
+    @functools.wraps(compile_helpers)
+    def compile_unless_built():
+        if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is None:
+            compile_helpers()
+
+    initialize.compile_helpers = compile_unless_built
+
+
 def _after_setup(setup) -> None:
     initialize = importlib.import_module(_INIT)
     setup.initialize_megatron = initialize.initialize_megatron
@@ -124,6 +136,8 @@ def install(no_cuda: bool, no_te: bool) -> None:
     after = {}
     if no_cuda:
         after.update({_RANDOM: _after_random, _INIT: _after_initialize, _SETUP: _after_setup})
+    else:
+        after[_INIT] = _skip_built_helpers
     if no_te:
         after[_MLA] = _after_mla
         logging.getLogger("megatron.bridge.utils.import_utils").addFilter(lambda r: r.levelno >= logging.WARNING)
