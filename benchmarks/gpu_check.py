@@ -144,7 +144,7 @@ def logits_te_vs_local():
     raise NotApplicable("TE vs local on one checkpoint is not written yet (issue 18)")
 
 
-@check("20 steps of stage 2 (tiny) on CPU fp32, GPU fp32, GPU bf16 (and FP8 with TE): losses")
+@check("20 steps of stage 2 (tiny) on CPU fp32, GPU fp32, GPU bf16 (and FP8 with TE), same initial weights: losses")
 def train_entry_point():
     runs = {"cpu_fp32": ({"CUDA_VISIBLE_DEVICES": ""}, []), "gpu_fp32": ({}, []),
             "gpu_bf16": ({}, ["mixed_precision=bf16_mixed"])}
@@ -157,7 +157,9 @@ def train_entry_point():
             run_dir = Path(tmp) / name
             start = time.time()
             proc = subprocess.run(
+                # CPU initialisation everywhere: on a GPU Megatron otherwise draws the weights from the CUDA RNG
                 [sys.executable, "-m", "nemo_pixellm.train", "+stage=stage2", "train.train_iters=20",
+                 "++model.use_cpu_initialization=true",
                  f"run_dir={run_dir}", f"checkpoint.save={run_dir}/checkpoints", *overrides],
                 cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
             if proc.returncode:

@@ -135,6 +135,16 @@ class PixelLMProvider(MLAModelProvider):
         # that CPU-initialised weights are the same whatever the tensor-parallel size.
         if not use_cpu_initialization:
             use_cpu_initialization = self.use_cpu_initialization
+        if use_cpu_initialization and torch.cuda.is_available():
+            # Bridge leaves CPU-initialised modules on the CPU (Megatron-LM moves them to the GPU before
+            # wrapping); move them after any other pre-wrap hook, so DDP's buffers and the data meet on the GPU.
+            hook = kwargs.pop("pre_wrap_hook", None) or self.pre_wrap_hook
+
+            def then_to_gpu(model):
+                model = (hook(model) or model) if hook else model
+                return [module.cuda(torch.cuda.current_device()) for module in model]
+
+            kwargs["pre_wrap_hook"] = then_to_gpu
         return super().provide_distributed_model(*args, use_cpu_initialization=use_cpu_initialization, **kwargs)
 
     def yarn_active(self) -> bool:
