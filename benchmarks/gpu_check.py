@@ -163,7 +163,7 @@ def train_entry_point():
                  f"run_dir={run_dir}", f"checkpoint.save={run_dir}/checkpoints", *overrides],
                 cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
             if proc.returncode:
-                raise RuntimeError(f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                raise RuntimeError(f"{name} exited {proc.returncode}:\n{proc.stderr[-3000:]}")  # the error, not the config
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             losses[name] = [r["loss"] for r in rows]
             steps = [r["time"] for r in rows]
