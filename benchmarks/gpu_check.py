@@ -225,8 +225,8 @@ def pixel_slice_throughput():
     flops = 3 * 2 * forward_macs_per_token(PIXEL_SLICE, seq) * batch * seq
     out = {"bf16_matmul_peak_tflops": peak / 1e12}
     losses = {}
-    for mode, devices in (("looped", ("cpu",)), ("grouped", ("cpu", DEVICE))):
-        GroupedLocalExperts.devices = devices
+    for mode, cuda_dtypes in (("looped", ()), ("grouped", (torch.bfloat16,))):
+        GroupedLocalExperts.cuda_dtypes = cuda_dtypes
         times = []
         for i in range(6):
             model.zero_grad(set_to_none=True)
@@ -241,7 +241,7 @@ def pixel_slice_throughput():
         out[f"{mode}_tokens_per_s"] = batch * seq / seconds
         out[f"{mode}_tflops"] = flops / seconds / 1e12
         out[f"{mode}_peak_fraction"] = flops / seconds / peak
-    GroupedLocalExperts.devices = ("cpu",)
+    GroupedLocalExperts.cuda_dtypes = (torch.bfloat16,)
     out["grouped_vs_looped_loss_diff"] = abs(losses["grouped"] - losses["looped"])
     if DEVICE == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
