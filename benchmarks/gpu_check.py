@@ -59,7 +59,6 @@ def language_model(sizes: dict, seed: int = 7):
         moe_router_topk_scaling_factor=1.0, init_method_std=0.02, image_token_id=sizes["vocab_size"] - 1,
         vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
         vision_image_size=56)
-    model.sizes = sizes
     # Megatron allocates some parameters (the routers') on the current CUDA device even when it initialises on
     # CPU: put every one on the CPU, where the reference runs.
     return model.to("cpu")
@@ -205,7 +204,7 @@ def pixel_slice_throughput():
 
     peak = bf16_matmul_peak()
     model = language_model(PIXEL_SLICE).to(DEVICE, torch.bfloat16).train()
-    batch, seq = 1, int(os.environ.get("GPU_CHECK_SEQ", 4096))
+    batch, seq = 1, int(os.environ.get("GPU_CHECK_SEQ", 4096))  # shorter only to try the check on a CPU
     ids, positions = token_batch(PIXEL_SLICE["vocab_size"], batch, seq, DEVICE)
     labels = torch.roll(ids, -1, dims=1)
     flops = 3 * 2 * forward_macs_per_token(PIXEL_SLICE, seq) * batch * seq
