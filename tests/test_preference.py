@@ -199,6 +199,7 @@ def test_dpo_starts_at_ln2_and_reports_heldout_accuracy(trained_checkpoint, cach
     (["stage.updates_per_rollout=0", "stage.init_from={ckpt}"], "stage.updates_per_rollout=0: give the optimizer steps"),
     (["+model.moe_input_jitter_eps=0.01", "stage.init_from={ckpt}"], "model.moe_input_jitter_eps=0.01: the jitter would "
      "make the training forward's log-probs differ"),
+    (["stage.question_types=position", "stage.init_from={ckpt}"], "stage.question_types=position: give a list"),
 ])
 def test_bad_stage4_settings_are_refused(overrides, message, cache_dir, tmp_path, monkeypatch):
     from nemo_pixellm.training.config import build_config
@@ -211,6 +212,39 @@ def test_bad_stage4_settings_are_refused(overrides, message, cache_dir, tmp_path
     cfg = compose_cfg(["+stage=stage4", *(o.format(ckpt=checkpoint) for o in overrides)])
     with pytest.raises(ConfigError, match=message):
         build_config(cfg, world_size=1)
+
+
+def test_grpo_asks_only_the_question_types_it_is_given(cache_dir, tmp_path):
+    """stage.question_types draws each group's question among the record's questions of those types (the same
+    draw on every call: resume and layouts see the same prompts); a type no record asks is named."""
+    from nemo_pixellm.data.provider import PixelLMDataConfig
+    from nemo_pixellm.data.samples import ShardSamples
+    from nemo_pixellm.data.shards import BadRecord
+    from nemo_pixellm.data.sources import data_paths, ensure_tokenizer
+    from nemo_pixellm.preference.rollouts import PromptGroups
+
+    config = PixelLMDataConfig(cache_dir=str(cache_dir), image_size=56, synthetic_train_samples=64,
+                               synthetic_valid_samples=8, seq_length=128)
+    train, _ = data_paths(config)
+    tokenizer = ensure_tokenizer(cache_dir, 512, 1234)
+    questions = ShardSamples(train, tokenizer, "vqa", config.patch_size, config.downsample, config.max_tiles)
+
+    def groups(types):
+        return PromptGroups(questions, 4, 64, 56, 128, seed=3, question_types=types)
+
+    everything = [groups(None).draw(g) for g in range(40)]
+    assert len({g.kind for g in everything}) >= 3
+    focused = groups(["position", "colour"])
+    drawn = [focused.draw(g) for g in range(40)]
+    assert {g.kind for g in drawn} == {"position", "colour"}
+    records = {questions.reader[i]["__key__"]: questions.meta(i)["qa"] for i in range(len(questions))}
+    for group in drawn:  # the prompt asks a question of that record whose answer is the reward
+        prompt = tokenizer.decode(group.prompt.tokens)
+        assert any(qa["q"] in prompt and qa["a"] == group.answer and qa["type"] == group.kind
+                   for qa in records[group.key])
+    assert [(g.key, g.answer) for g in drawn] == [(g.key, g.answer) for g in map(focused.draw, range(40))]
+    with pytest.raises(BadRecord, match=r"no question of stage.question_types=\['poem'\]; its records ask .*position"):
+        groups(["poem"]).draw(0)
 
 
 def test_malformed_preference_records_are_skipped_and_counted(cache_dir, tmp_path):

@@ -35,6 +35,7 @@ class PixelLMDataConfig(DatasetProvider):
     tokenizer_vocab_size: int = 512
     max_bad_fraction: float = 0.01  # bad records (skipped and counted) above this share of those read stop the run
     generations: int = 0  # stage-4 GRPO: sequences are answers, drawn in groups of this many per question
+    question_types: list | None = None  # stage-4 GRPO: ask only questions of these qa types (None: all)
 
     def build_datasets(self, context: DatasetBuildContext):
         """Bridge's hook: the datasets are made by ``nemo_pixellm.data.sources`` from this description."""

@@ -155,6 +155,10 @@ class ShardSamples:
         chosen, rejected = (self._fit(key, images, tile, max_tokens, segments(a)) for a in answers)
         return chosen, rejected
 
+    def meta(self, index: int) -> dict:
+        """The json of record ``index``, checked for the task's fields (BadRecord otherwise)."""
+        return self._record(index, self.task)[2]
+
     def _record(self, index: int, task: str) -> tuple[str, dict, dict]:
         raw = self.reader[index % len(self.reader)]
         key = raw["__key__"]

@@ -117,7 +117,7 @@ def train_dataset(config, tokenizer, num_sequences: int):
         from nemo_pixellm.preference.rollouts import PromptGroups
 
         return PromptGroups(_samples(config, train_path, tokenizer, "vqa"), config.generations, num_sequences,
-                            config.image_size, config.seq_length, config.seed)
+                            config.image_size, config.seq_length, config.seed, config.question_types)
     if config.task == "preference":
         from nemo_pixellm.preference.dpo import PreferencePairs
 

@@ -53,7 +53,12 @@ def check_stage4(stage, train, model, data, init_from_pending: bool = False) -> 
         if data.task != "vqa":
             raise ConfigError(f"stage4 GRPO asks the questions of dataset.task=vqa records (their answers are the "
                               f"reward), not dataset.task={data.task}")
+        types = stage.get("question_types")
+        if types is not None and (isinstance(types, str) or not types or not all(isinstance(t, str) for t in types)):
+            raise ConfigError(f"stage.question_types={types}: give a list of qa types, e.g. [position,colour] "
+                              "(null asks every question)")
         data.generations = generations
+        data.question_types = list(types) if types is not None else None
     else:
         data.task = "preference"
     if beta(stage) < 0:

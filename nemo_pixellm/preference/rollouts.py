@@ -7,7 +7,6 @@ alone, and so is the random stream its G answers are sampled with: a resumed run
 parallel layout, draws the same questions and, with the same weights, the same answers.
 """
 
-import json
 import random
 from dataclasses import dataclass
 
@@ -36,9 +35,10 @@ class PromptGroups(torch.utils.data.Dataset):
     (each micro-batch holds whole groups: micro_batch_size is a multiple of G)."""
 
     def __init__(self, questions: ShardSamples, generations: int, num_sequences: int, image_size: int,
-                 seq_length: int, seed: int):
+                 seq_length: int, seed: int, question_types: list[str] | None = None):
         self.questions, self.generations, self.num_sequences = questions, generations, num_sequences
         self.image_size, self.seq_length, self.seed = image_size, seq_length, seed
+        self.question_types = set(question_types) if question_types else None
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -47,20 +47,28 @@ class PromptGroups(torch.utils.data.Dataset):
         return index // self.generations
 
     def draw(self, group: int) -> PromptGroup:
-        rng, skipped = random.Random(f"pixellm-grpo-{self.seed}-{group}"), []
+        rng, skipped, types_seen = random.Random(f"pixellm-grpo-{self.seed}-{group}"), [], set()
         n = len(self.questions)
         for _ in range(MAX_DRAWS):
-            record, question = rng.randrange(n), rng.randrange(1 << 20)  # ShardSamples picks qa[question % len(qa)]
-            index = question * n + record
+            record, pick = rng.randrange(n), rng.randrange(1 << 20)
             try:
+                qa_list = self.questions.meta(record)["qa"]
+                kinds = [qa.get("type", "vqa") for qa in qa_list]
+                wanted = [i for i, kind in enumerate(kinds) if self.question_types is None or kind in self.question_types]
+                if not wanted:  # stage.question_types: this record asks none of them
+                    types_seen.update(kinds)
+                    continue
+                index = wanted[pick % len(wanted)] * n + record  # ShardSamples asks qa[index // n % len(qa)]
                 sample = self.questions.sample(index, self.image_size, self.seq_length)
                 sample.decode()
-                qa_list = json.loads(self.questions.reader[record]["json"])["qa"]
             except BadRecord as error:
-                skipped.append({"source": 0, "index": index, "reason": str(error)})
+                skipped.append({"source": 0, "index": record, "reason": str(error)})
                 continue
-            qa = qa_list[question % len(qa_list)]
+            qa = qa_list[index // n]
             return PromptGroup(group, sample.key, prompt_from_sample(sample), qa["a"], qa.get("type", "vqa"), skipped)
+        if self.question_types is not None and len(skipped) < MAX_DRAWS:
+            raise BadRecord(f"group {group}: {MAX_DRAWS} draws from {self.questions.reader.dir} found no question of "
+                            f"stage.question_types={sorted(self.question_types)}; its records ask {sorted(types_seen)}")
         raise BadRecord(f"group {group}: {MAX_DRAWS} draws from {self.questions.reader.dir} all hit bad records")
 
     def collate_fn(self, items: list[int]) -> dict:
