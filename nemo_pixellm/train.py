@@ -36,13 +36,13 @@ def prepare_resume(container, ema: bool) -> int | None:
     trackers name the newest complete checkpoint); returns that step when it already reached train.train_iters
     (a finished run launched again, e.g. a Slurm requeue after the final save), else None. Every rank reaches
     the same answer: complete checkpoints are never touched."""
-    load, ranks = container.checkpoint.load, int(os.environ.get("WORLD_SIZE", "1"))
+    load = container.checkpoint.load
     if not load or container.checkpoint.ckpt_step is not None:
         return None
     if os.environ.get("RANK", "0") == "0":
-        for line in recover(load, ranks, ema):
+        for line in recover(load, ema):
             print(f"[pixellm] checkpoint.load={load}: {line}", flush=True)
-    step = newest_complete(load, ranks, ema)
+    step = newest_complete(load, ema)
     if step is None or container.train.train_iters is None or step < container.train.train_iters:
         return None
     return step

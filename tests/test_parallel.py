@@ -3,22 +3,25 @@
 Every run starts from the same checkpoint and takes 3 plain-SGD steps with a large learning rate, so
 each step's update is lr x gradient: equal loss trajectories mean equal forward losses and gradients,
 and the final weights (expert biases included, updated from loads counted across the layout) are
-compared tensor by tensor. MLA with TP=2 through Megatron's column-parallel down projections fails this
+compared tensor by tensor, and so is the EMA saved beside them (decay 0.5: it differs from the weights).
+MLA with TP=2 through Megatron's column-parallel down projections fails this
 (step-2 loss off by ~1e-5 relative): the plugin's replicated down projections are what make it pass.
 """
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import QUICK, losses, metrics, run_train
-from test_training import checkpoint_tensors
+from conftest import PYTHON, QUICK, ROOT, losses, metrics, run_train
+from test_training import checkpoint_tensors, ema_tensors
 
 pytestmark = pytest.mark.slow
 
 SGD = ["optimizer.optimizer=sgd", "optimizer.lr=0.5", "optimizer.min_lr=0.5", "scheduler.lr_warmup_iters=0",
-       "optimizer.clip_grad=0", "train.train_iters=3"]
+       "optimizer.clip_grad=0", "train.train_iters=3", "ema.enabled=true", "ema.decay=0.5"]
 LAYOUTS = {
     "tp2": ["model.tensor_model_parallel_size=2", "model.sequence_parallel=true"],
     "pp2": ["model.pipeline_model_parallel_size=2"],
@@ -54,11 +57,32 @@ def reference(cache_dir, tmp_path_factory):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_equals_one_process(layout, reference: Path, cache_dir, tmp_path):
     check_two_processes(reference, LAYOUTS[layout], layout, cache_dir, tmp_path)
+    if layout == "tp2_ep2":
+        check_ema_export(reference, cache_dir, tmp_path)
 
 
 def test_gqa_tp2_equals_one_process(cache_dir, tmp_path):
     reference = one_process_runs(tmp_path / "reference", cache_dir, GQA)
     check_two_processes(reference, [*GQA, *LAYOUTS["tp2"]], "gqa tp2", cache_dir, tmp_path)
+
+
+def check_ema_export(reference: Path, cache_dir, tmp_path) -> None:
+    """The EMA of a 2-process run, exported by one process (the checkpoint resharded to TP = EP = 1), equals
+    the export of the 1-process run's EMA tensor for tensor."""
+    from safetensors.torch import load_file
+
+    exports = {}
+    for name, ckpt in (("one", reference / "one"), ("two", tmp_path / "ckpt")):
+        out = tmp_path / f"export-{name}"
+        proc = subprocess.run([PYTHON, "-m", "nemo_pixellm.export", f"checkpoint={ckpt}", f"out={out}"], cwd=ROOT,
+                              env=dict(os.environ, NEMO_PIXELLM_CACHE=str(cache_dir)), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0 and '"ema": true' in proc.stdout, proc.stderr[-3000:]
+        exports[name] = {f"{f.relative_to(out)}:{k}": v for f in sorted(out.rglob("*.safetensors"))
+                         for k, v in load_file(f).items()}
+    assert set(exports["one"]) == set(exports["two"]) and len(exports["one"]) > 50
+    for name, tensor in exports["one"].items():
+        torch.testing.assert_close(exports["two"][name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def check_two_processes(reference: Path, overrides: list[str], layout: str, cache_dir, tmp_path) -> None:
@@ -77,3 +101,8 @@ def check_two_processes(reference: Path, overrides: list[str], layout: str, cach
         torch.testing.assert_close(parallel[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     biases = [n for n in single if n.endswith("expert_bias")]
     assert biases and any(single[n].abs().sum() > 0 for n in biases)  # the bias did move, identically
+    # The EMA is sharded like the weights: as global tensors, the 2-process run's equals the 1-process run's.
+    ema_one, ema_two = (ema_tensors(ckpt / "iter_0000003", tmp_path) for ckpt in (reference / "one", tmp_path / "ckpt"))
+    assert set(ema_one) == set(ema_two) and any(not torch.equal(ema_one[k], single[k]) for k in ema_one if k in single)
+    for name, tensor in ema_one.items():
+        torch.testing.assert_close(ema_two[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"EMA {name}: {m}")

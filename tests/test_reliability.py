@@ -26,7 +26,8 @@ def _fake_checkpoint(save_dir: Path, step: int, complete: bool = True, ema: bool
         (it / ".metadata").write_bytes(b"m")
         torch.save({"step": torch.tensor(step)}, it / "train_state.pt")
     if ema:
-        torch.save({}, it / "ema_rank00000.pt")
+        (it / "ema").mkdir()
+        (it / "ema" / "metadata.json").write_text("{}")
 
 
 def test_recover_points_the_trackers_at_the_newest_complete_checkpoint(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import PYTHON, QUICK, ROOT, losses, metrics, run_train
+from nemo_pixellm.training.checkpoints import has_ema
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +23,13 @@ def checkpoint_tensors(save_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor
     dcp_to_torch_save(save_dir / f"iter_{iteration:07d}", out)
     state = torch.load(out, weights_only=False)
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
+
+
+def ema_tensors(iteration_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The EMA saved with a checkpoint (iter_N/ema/, a torch_dist checkpoint of its own), by checkpoint key."""
+    out = tmp_path / f"ema-{iteration_dir.parent.name}-{iteration_dir.name}.pt"
+    dcp_to_torch_save(iteration_dir / "ema", out)
+    return {k: v for k, v in torch.load(out, weights_only=False).items() if isinstance(v, torch.Tensor)}
 
 
 def test_main_job_loss_falls(cache_dir, tmp_path):
@@ -91,7 +99,7 @@ def test_pipeline_chains_stages_freezing_what_they_say(cache_dir, tmp_path):
     assert_hand_offs(w, (("stage2", "stage1", {"projector"}), ("stage1", "stage1_5", {"vision_model", "projector"}),
                          ("stage1_5", "stage3", {"vision_model", "projector", "language_model"})))
     assert any("image_newline" in k for k in changed(w["stage2"], w["stage1"], "projector"))
-    assert all((ckpt[s] / f"iter_{r['steps']:07d}" / "ema_rank00000.pt").is_file() for s, r in zip(stages, rows))
+    assert all(has_ema(ckpt[s] / f"iter_{r['steps']:07d}") for s, r in zip(stages, rows))
 
 
 @pytest.mark.slow
@@ -142,7 +150,7 @@ def test_ema_follows_its_formula_and_survives_resume(cache_dir, tmp_path):
 
     events = EventAccumulator(str(tmp_path / "ra" / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("vqa/all")] == [3]
-    ema_at = {t: torch.load(tmp_path / "a" / f"iter_{t:07d}" / "ema_rank00000.pt") for t in (1, 2, 3)}
+    ema_at = {t: ema_tensors(tmp_path / "a" / f"iter_{t:07d}", tmp_path) for t in (1, 2, 3)}
     weights = checkpoint_tensors(tmp_path / "a", tmp_path)  # step 3
     names = [n for n in ema_at[3] if n.startswith("projector.")]
     assert names and set(ema_at[3]) == set(ema_at[1])
@@ -157,6 +165,6 @@ def test_ema_follows_its_formula_and_survives_resume(cache_dir, tmp_path):
                f"run_dir={tmp_path / 'rb'}"], cache_dir)
     run_train(["+stage=stage2", *QUICK, *ema, f"checkpoint.load={tmp_path / 'b'}", f"checkpoint.save={tmp_path / 'b'}",
                f"run_dir={tmp_path / 'rb2'}"], cache_dir)
-    resumed = torch.load(tmp_path / "b" / "iter_0000003" / "ema_rank00000.pt")
+    resumed = ema_tensors(tmp_path / "b" / "iter_0000003", tmp_path)
     for name in ema_at[3]:
         torch.testing.assert_close(resumed[name], ema_at[3][name], rtol=1e-6, atol=1e-7)

@@ -8,17 +8,30 @@
   inside a cycle holds it (``iter_N/rollout_policy_rank00000.pt``), so a resume continues the cycle exactly.
 
 Like NeMo-RL's ``use_reference_model`` neither is a second model: the same modules run with the frozen tensors
-put in place of the policy's (``Parameter.data`` swapped, nothing copied). Each rank keeps its own shard (the
-same parallel layout on resume, as for EMA).
+put in place of the policy's (``Parameter.data`` swapped, nothing copied). Each rank keeps its own shard in a
+file of its own (a resume needs the same parallel layout; EMA's sharded format, training/ema.py, would lift that).
 """
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
 from megatron.bridge.training.callbacks import Callback
 
-from nemo_pixellm.training.ema import global_rank, save_aside, trainable_parameters
+from nemo_pixellm.training.ema import trainable_parameters
+
+
+def global_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def save_aside(tensors: dict, path: Path) -> None:
+    """torch.save written aside and renamed: a kill leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(path.name + ".tmp")
+    torch.save(tensors, aside)
+    os.replace(aside, path)
 
 
 def reference_file(checkpoint_dir, rank: int) -> Path:

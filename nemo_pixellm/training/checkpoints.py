@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
+EMA = "ema"  # iter_N/ema/: training/ema.py's distributed checkpoint of the average
 TRAIN_STATE = "latest_train_state.pt"
 ITERATION = re.compile(r"iter_(\d{7})$")
 
@@ -41,12 +42,17 @@ def _train_state_step(path: Path) -> int | None:
         return None
 
 
-def is_complete(iteration_dir: Path, ranks: int = 1, ema: bool = False) -> bool:
-    """torch DCP writes ``.metadata`` after every shard; Bridge writes ``train_state.pt`` after the save."""
+def is_complete(iteration_dir: Path, ema: bool = False) -> bool:
+    """torch DCP writes ``.metadata`` after every shard; Bridge writes ``train_state.pt`` after the save; the
+    EMA's own distributed checkpoint ends with its metadata.json."""
     step = int(ITERATION.search(iteration_dir.name).group(1))
     if not (iteration_dir / ".metadata").is_file() or _train_state_step(iteration_dir / "train_state.pt") != step:
         return False
-    return not ema or all((iteration_dir / f"ema_rank{rank:05d}.pt").is_file() for rank in range(ranks))
+    return not ema or has_ema(iteration_dir)
+
+
+def has_ema(iteration_dir) -> bool:
+    return (Path(iteration_dir) / EMA / "metadata.json").is_file()  # dist checkpointing's last file, on rank 0
 
 
 def tracked_step(save_dir: Path) -> int | None:
@@ -69,18 +75,18 @@ def _steps(save_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in save_dir.iterdir() if p.is_dir() and (m := ITERATION.match(p.name)))
 
 
-def newest_complete(save_dir, ranks: int = 1, ema: bool = False) -> int | None:
+def newest_complete(save_dir, ema: bool = False) -> int | None:
     """The step a resume from ``save_dir`` starts at (read-only: every rank can ask while rank 0 recovers)."""
     save_dir = Path(save_dir)
-    complete = [s for s in _steps(save_dir) if is_complete(save_dir / f"iter_{s:07d}", ranks, ema)]
+    complete = [s for s in _steps(save_dir) if is_complete(save_dir / f"iter_{s:07d}", ema)]
     return complete[-1] if complete else None
 
 
-def recover(save_dir, ranks: int = 1, ema: bool = False) -> list[str]:
+def recover(save_dir, ema: bool = False) -> list[str]:
     """Make ``save_dir``'s trackers name its newest complete checkpoint; returns what was changed, in words.
-    With ``ema``, a checkpoint needs every rank's EMA file too (a resume must continue the same average)."""
+    With ``ema``, a checkpoint needs its complete EMA too (a resume must continue the same average)."""
     save_dir = Path(save_dir)
-    steps, newest = _steps(save_dir), newest_complete(save_dir, ranks, ema)
+    steps, newest = _steps(save_dir), newest_complete(save_dir, ema)
     said = []
     for step in steps:
         if newest is None or step > newest:  # a save that never finished: nothing in it can be resumed

@@ -1,22 +1,24 @@
 """Exponential moving average of the trainable weights, as a Bridge callback (Bridge has no EMA).
 
 ema = decay * ema + (1 - decay) * weight after every optimizer step from ``start_step`` on (a copy before).
-Each rank keeps its own shard (fp32) and writes it next to the checkpoint, into the checkpoint's iteration
-directory (``iter_NNNNNNN/ema_rank00000.pt``); a resumed run reads it back, so EMA survives resume
-exactly. Resuming the EMA needs the same parallel layout; evaluation reads rank 0's file (1-process runs).
+Each rank keeps its own shard (fp32). The average is saved beside the checkpoint as a distributed checkpoint of
+its own (``iter_NNNNNNN/ema/``), sharded exactly as the weights are: the model's own sharded state dict with the
+averages in place of the weights. So a resume, or ``evaluate`` / ``export`` / ``generate``, reads it back at any
+parallel layout (Megatron's dist checkpointing reshards), as they read the weights.
 """
 
-import os
+import dataclasses
 from pathlib import Path
 
 import torch
 from megatron.bridge.training.callbacks import Callback
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.utils import unwrap_model
 
+from nemo_pixellm.training.checkpoints import EMA, has_ema
 from nemo_pixellm.training.run_state import finished_step
-
-
-def global_rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def unwrapped_name(name: str) -> str:
@@ -25,20 +27,36 @@ def unwrapped_name(name: str) -> str:
     return name
 
 
-def save_aside(tensors: dict, path: Path) -> None:
-    """torch.save written aside and renamed: a kill leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    aside = path.with_name(path.name + ".tmp")
-    torch.save(tensors, aside)
-    os.replace(aside, path)
-
-
-def ema_file(iteration_dir: Path, rank: int) -> Path:
-    return Path(iteration_dir) / f"ema_rank{rank:05d}.pt"
+def ema_dir(iteration_dir) -> Path:
+    return Path(iteration_dir) / EMA
 
 
 def trainable_parameters(model_chunks) -> dict[str, torch.nn.Parameter]:
     return {unwrapped_name(n): p for chunk in model_chunks for n, p in chunk.named_parameters() if p.requires_grad}
+
+
+def sharded_averages(model_chunks, tensor_for) -> dict:
+    """The model chunks' sharded state dict entries of the parameters ``tensor_for(name, param)`` gives a tensor
+    for, holding that tensor instead (same shape, same sharding), by parameter name (the checkpoint keys are
+    the entries' own: one key can hold the shards of several layers)."""
+    names = {id(p): unwrapped_name(n) for chunk in model_chunks for n, p in chunk.named_parameters()}
+    entries = {}
+    for chunk in unwrap_model(list(model_chunks)):
+        for entry in nested_values(chunk.sharded_state_dict()):
+            if not isinstance(entry, (ShardedTensor, ShardedTensorFactory)) or id(entry.data) not in names:
+                continue  # extra state, buffers (the expert bias): not averaged
+            tensor = tensor_for(names[id(entry.data)], entry.data)
+            if tensor is not None:
+                entries[names[id(entry.data)]] = dataclasses.replace(entry, data=tensor)
+    return entries
+
+
+def _saved_keys(iteration_dir) -> set[str]:
+    return set(dist_checkpointing.load_tensors_metadata(str(ema_dir(iteration_dir))))
+
+
+def _load(entries: dict, iteration_dir) -> dict:
+    return dist_checkpointing.load(entries, str(ema_dir(iteration_dir)))
 
 
 class EMACallback(Callback):
@@ -50,14 +68,21 @@ class EMACallback(Callback):
 
     def on_train_start(self, context) -> None:
         params = trainable_parameters(context.model)
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
         load_dir, step = context.state.cfg.checkpoint.load, context.state.train_state.step
-        saved = ema_file(Path(load_dir) / f"iter_{step:07d}", global_rank()) if load_dir and step > 0 else None
-        if saved is not None and saved.is_file():
-            self.shadow = torch.load(saved, weights_only=True)
-            if set(self.shadow) != set(params):
-                raise ValueError(f"{saved} holds EMA for other parameters: resume with the same stage and layout")
-        else:
-            self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+        if not load_dir or step == 0:
+            return
+        saved = Path(load_dir) / f"iter_{step:07d}"
+        if not has_ema(saved):
+            raise FileNotFoundError(f"{saved} has no EMA ({ema_dir(saved)} is missing or incomplete), so the average "
+                                    "cannot continue: resume with ema.enabled=false, or from a checkpoint of an EMA run")
+        entries = sharded_averages(context.model, lambda name, p: self.shadow.get(name))
+        missing = sorted({entry.key for entry in entries.values()} - _saved_keys(saved))
+        if missing:
+            raise ValueError(f"{ema_dir(saved)} holds EMA for other parameters ({missing[:3]} missing): resume with "
+                             "the same stage (its stage.trainable)")
+        for name, value in _load(entries, saved).items():
+            self.shadow[name].copy_(value)
 
     @torch.no_grad()
     def on_train_step_end(self, context) -> None:
@@ -69,22 +94,22 @@ class EMACallback(Callback):
             self.shadow[name].mul_(decay).add_(param.detach().float(), alpha=1.0 - decay)
 
     def on_checkpoint_save(self, context) -> None:
+        """Every rank takes part (a collective save); a kill inside it leaves no metadata.json: incomplete."""
         save, step = context.state.cfg.checkpoint.save, context.state.train_state.step
-        path = ema_file(Path(save) / f"iter_{step:07d}", global_rank())
-        save_aside(self.shadow, path)
+        target = ema_dir(Path(save) / f"iter_{step:07d}")
+        target.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(sharded_averages(context.model, lambda name, p: self.shadow.get(name)), str(target))
 
 
 def load_ema_into(model: torch.nn.Module, iteration_dir) -> bool:
-    """Replace ``model``'s trainable weights with rank 0's EMA from a checkpoint; False if it has none."""
-    path = ema_file(iteration_dir, 0)
-    if not path.is_file():
+    """Replace ``model``'s weights with a checkpoint's EMA, at the model's own parallel layout (whatever the
+    saving run's was); False if the checkpoint has none."""
+    if not has_ema(iteration_dir):
         return False
-    shadow = torch.load(path, weights_only=True)
+    saved = _saved_keys(iteration_dir)  # the parameters the run trained (stage.trainable)
+    entries = sharded_averages([model], lambda name, p: torch.empty_like(p, dtype=torch.float32))
     params = {unwrapped_name(n): p for n, p in model.named_parameters()}
-    missing = set(shadow) - set(params)
-    if missing:
-        raise KeyError(f"{path} has EMA for parameters the model lacks: {sorted(missing)[:3]}")
     with torch.no_grad():
-        for name, value in shadow.items():
+        for name, value in _load({n: e for n, e in entries.items() if e.key in saved}, iteration_dir).items():
             params[name].copy_(value.to(params[name].dtype))
     return True
