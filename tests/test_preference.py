@@ -247,6 +247,21 @@ def test_grpo_asks_only_the_question_types_it_is_given(cache_dir, tmp_path):
         groups(["poem"]).draw(0)
 
 
+def test_grpo_asks_about_scenes_no_earlier_stage_trained_on(cache_dir):
+    """On the synthetic set GRPO's questions come from a split of their own (seed + 3), not the training split."""
+    from nemo_pixellm.data import sources
+    from nemo_pixellm.data.provider import PixelLMDataConfig
+
+    config = PixelLMDataConfig(cache_dir=str(cache_dir), image_size=56, synthetic_train_samples=64,
+                               synthetic_valid_samples=8, synthetic_prompt_samples=16, seq_length=128, generations=4)
+    tokenizer = sources.ensure_tokenizer(cache_dir, 512, config.seed)
+    groups = sources.train_dataset(config, tokenizer, 32)
+    reader = groups.questions.reader
+    prompt_keys = {reader[i]["__key__"] for i in range(len(reader))}
+    assert len(prompt_keys) == 16 and all(k.startswith(f"{config.seed + 3:04d}_") for k in prompt_keys)
+    assert {groups.draw(g).key for g in range(8)} <= prompt_keys
+
+
 def test_malformed_preference_records_are_skipped_and_counted(cache_dir, tmp_path):
     """A pair whose record lacks its rejected answer, or whose JSON is broken, is skipped for the next one and
     reported with the pair; a shard set of such records is refused at config time."""

@@ -30,6 +30,7 @@ class PixelLMDataConfig(DatasetProvider):
     synthetic_train_samples: int = 4000
     synthetic_valid_samples: int = 200
     synthetic_text_samples: int = 2000
+    synthetic_prompt_samples: int = 4000
     seed: int = 1234
     tokenizer_path: str | None = None
     tokenizer_vocab_size: int = 512

@@ -107,17 +107,27 @@ def data_paths(config) -> tuple[Path, Path | None]:
     return Path(config.path), Path(config.valid_path) if config.valid_path else None
 
 
+def prompt_path(config) -> Path:
+    """Stage-4 GRPO's questions: dataset.path, or for the synthetic set a split of its own. An RL prompt set is
+    apart from the SFT data: on the training images, which stage 3 has learnt by heart, a group's sampled answers
+    all agree (no signal) and the rewards say nothing of the images the model has not seen."""
+    if config.path is not None:
+        return Path(config.path)
+    return ensure_synthetic(cache_dir(config), "prompts", config.synthetic_prompt_samples, config.seed + 3,
+                            config.image_size)
+
+
 def _samples(config, path, tokenizer, task, key: str = "dataset.path") -> ShardSamples:
     return ShardSamples(path, tokenizer, task, config.patch_size, config.downsample, config.max_tiles, key)
 
 
 def train_dataset(config, tokenizer, num_sequences: int):
-    train_path, _ = data_paths(config)
     if config.generations:  # stage-4 GRPO: questions in groups, answered by the policy during training
         from nemo_pixellm.preference.rollouts import PromptGroups
 
-        return PromptGroups(_samples(config, train_path, tokenizer, "vqa"), config.generations, num_sequences,
+        return PromptGroups(_samples(config, prompt_path(config), tokenizer, "vqa"), config.generations, num_sequences,
                             config.image_size, config.seq_length, config.seed, config.question_types)
+    train_path, _ = data_paths(config)
     if config.task == "preference":
         from nemo_pixellm.preference.dpo import PreferencePairs
 
