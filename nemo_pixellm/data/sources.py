@@ -108,9 +108,8 @@ def data_paths(config) -> tuple[Path, Path | None]:
 
 
 def prompt_path(config) -> Path:
-    """Stage-4 GRPO's questions: dataset.path, or for the synthetic set a split of its own. An RL prompt set is
-    apart from the SFT data: on the training images, which stage 3 has learnt by heart, a group's sampled answers
-    all agree (no signal) and the rewards say nothing of the images the model has not seen."""
+    """Stage-4 GRPO's questions: dataset.path, or for the synthetic set a split of its own, apart from the SFT
+    data as an RL prompt set is: rewards earned on images whose answers the model was never trained on."""
     if config.path is not None:
         return Path(config.path)
     return ensure_synthetic(cache_dir(config), "prompts", config.synthetic_prompt_samples, config.seed + 3,
