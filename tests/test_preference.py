@@ -84,8 +84,10 @@ def test_grpo_logs_its_figures_and_keeps_frozen_state(grpo_run, trained_checkpoi
         print({k: round(row[k], 6) for k in ("loss", *GRPO_METRICS)})
         assert all(math.isfinite(row[k]) for k in GRPO_METRICS)
         assert row["logprob_gap"] <= 1e-5 and row["ratio"] == pytest.approx(1.0, abs=1e-6)
-        assert 0 < row["groups_with_signal"] <= 1 and 1 <= row["answer_tokens"] <= 5 and row["entropy"] > 0
+        assert 0 <= row["groups_with_signal"] <= 1 and 1 <= row["answer_tokens"] <= 5 and row["entropy"] > 0
         assert len(row["samples"]) == 4  # one key per question
+    # The stage-3 policy's answers differ within groups; after one lr-0.5 SGD step they may all agree.
+    assert rows[0]["groups_with_signal"] > 0
     assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0  # the policy left the reference after the first update
     assert list((grpo_run / "run" / "tensorboard").glob("events.*"))
 
