@@ -64,8 +64,8 @@ class PromptGroups(torch.utils.data.Dataset):
             except BadRecord as error:
                 skipped.append({"source": 0, "index": record, "reason": str(error)})
                 continue
-            qa = qa_list[index // n]
-            return PromptGroup(group, sample.key, prompt_from_sample(sample), qa["a"], qa.get("type", "vqa"), skipped)
+            asked = index // n
+            return PromptGroup(group, sample.key, prompt_from_sample(sample), qa_list[asked]["a"], kinds[asked], skipped)
         if self.question_types is not None and len(skipped) < MAX_DRAWS:
             raise BadRecord(f"group {group}: {MAX_DRAWS} draws from {self.questions.reader.dir} found no question of "
                             f"stage.question_types={sorted(self.question_types)}; its records ask {sorted(types_seen)}")
