@@ -4,8 +4,8 @@
 
 Each check prints its figures as it finishes and one table at the end (also DIR/gpu_check.json). A check that
 fails prints its error and the rest still run; the exit status is 1 if any failed. With Transformer Engine
-installed the training check adds an FP8 run; TE-vs-local logits and THD packing on TE are not written yet
-(issue 18). ``--dry-run`` lists the checks and exits (CI runs it).
+installed the training check adds an FP8 run and the packing check runs TE's THD attention; TE-vs-local
+logits are not written yet (issue 18). ``--dry-run`` lists the checks and exits (CI runs it).
 """
 
 import argparse
@@ -183,6 +183,32 @@ def generate_cuda_vs_cpu():
     seconds = time.perf_counter() - start
     same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g)) / (8 * 64)
     return {"same_tokens": same, "gpu_tokens_per_s": 8 * 64 / seconds, "ok": same == 1.0}
+
+
+@check("THD packing (PackedSeqParams; TE's qkv_format=thd when TE is installed): per-sample losses of a packed "
+       "4,096-token row = the samples alone, fp32")
+@torch.no_grad()
+def packed_thd():
+    from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_params
+    from nemo_pixellm.data.dataset import packed_segments
+    from packing_memory import sample_lengths
+
+    model, vocab = tiny_on_device(), MODELS["tiny"]["vocab_size"]
+    lengths = sample_lengths(4096, 16)
+    ids, _ = token_batch(vocab, 1, 4096, DEVICE)
+    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE)
+    params = get_packed_seq_params({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                                    for k, v in packed_segments(segments).items()})
+    packed = model(ids, positions, labels=ids, packed_seq_params=params)[0].cpu()
+    alone, start = [], 0
+    for n in lengths:
+        part = ids[:, start:start + n]
+        alone.append(model(part, torch.arange(n, device=DEVICE)[None], labels=part)[0].cpu())
+        start += n
+    difference = (packed - torch.cat(alone)).abs().max().item()
+    return {"samples": len(lengths), "max_abs_loss_diff": difference, "transformer_engine": have_te(),
+            "ok": difference <= 1e-4}
 
 
 def bf16_matmul_peak() -> float:

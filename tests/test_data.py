@@ -9,6 +9,7 @@ from nemo_pixellm.data.sources import ensure_tokenizer, text_record
 from nemo_pixellm.data.samples import ImageSegment, ShardSamples, TextSegment, chat_segments
 from nemo_pixellm.data.shards import write_shards
 from nemo_pixellm.data.synthetic import scene_record
+from nemo_pixellm.training.step import packed_seq_params
 
 from conftest import TINY_LM, TINY_VISION_56, build_pixellm
 
@@ -41,10 +42,11 @@ def plan(data: TrainingSequences, count: int | None = None) -> list[list[tuple[i
     return [data.members(i) for i in range(len(data) if count is None else count)]
 
 
-def per_sample_losses(model, batch) -> list[float]:
+def per_sample_losses(model, batch, attention_mask=None) -> list[float]:
     """Summed next-token loss of every sample in the batch, in order."""
     with torch.no_grad():
-        loss = model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
+        loss = model(batch["tokens"], batch["position_ids"], attention_mask=attention_mask,
+                     packed_seq_params=None if attention_mask is not None else packed_seq_params(batch),
                      labels=batch["labels"], images=batch["images"], image_grids=batch["image_grids"])
     out = []
     for row, sequence in enumerate(batch["samples"]):
@@ -57,18 +59,34 @@ def per_sample_losses(model, batch) -> list[float]:
 
 
 def test_packed_equals_unpacked(shards, tokenizer, model):
-    """Packing isolation: the same samples give the same per-sample losses packed or one per sequence."""
+    """Packing isolation: the same samples give the same per-sample losses packed (THD: the rows as one sequence
+    cut at every sample, Megatron's PackedSeqParams) or one per sequence, and as a block-diagonal attention mask
+    over the padded rows gives them."""
     packed = TrainingSequences(sources(shards, tokenizer), [0.5, 0.5], tokenizer, 160, 6, 56, pack=True, seed=3)
     assert max(len(members) for members in plan(packed)) >= 3  # images, captions and text share sequences
-    batch = TrainingSequences.collate_fn([packed[i] for i in range(len(packed))])
-    assert "attention_mask" in batch
+    items = [packed[i] for i in range(len(packed))]
+    batch = TrainingSequences.collate_fn(items)
+    # THD boundaries: every sample's first token, every row's padding, the end of the b * s tokens
+    starts = []
+    for row, item in enumerate(items):
+        offsets = torch.tensor([0] + [m.tokens for m in item["samples"]]).cumsum(0).tolist()
+        starts += [row * 160 + o for o in offsets if o < 160]
+    assert batch["cu_seqlens_q"].tolist() == starts + [len(items) * 160]
+    assert batch["cu_seqlens_q"].dtype == torch.int32 and "attention_mask" not in batch
     singles = [build_sequence([(s, packed.sources[s].sample(i, 56, 160))], 160, tokenizer.pad_id, 56)
                for members in plan(packed) for s, i in members]
     unpacked = TrainingSequences.collate_fn(singles)
-    assert "attention_mask" not in unpacked
+    assert "cu_seqlens_q" not in unpacked
+    segments = torch.stack([item["segment_ids"] for item in items])
+    block_diagonal = segments[:, :, None] == segments[:, None, :]
+    masked = ~(block_diagonal & torch.ones(160, 160, dtype=torch.bool).tril()).unsqueeze(1)  # True = masked out
     got, expected = per_sample_losses(model, batch), per_sample_losses(model, unpacked)
-    assert len(got) == len(expected) == sum(len(m) for m in plan(packed))
+    with_mask = per_sample_losses(model, batch, attention_mask=masked)
+    assert len(got) == len(expected) == len(with_mask) == sum(len(m) for m in plan(packed))
+    print(f"{len(got)} samples: THD vs one per row {(torch.tensor(got) - torch.tensor(expected)).abs().max():.2e}, "
+          f"vs block-diagonal mask {(torch.tensor(got) - torch.tensor(with_mask)).abs().max():.2e}")
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(with_mask), rtol=1e-5, atol=1e-5)
     # Positions restart per sample; labels never cross into the next sample.
     first = packed[0]
     starts = [0]

@@ -19,7 +19,8 @@ def test_dry_run_lists_the_checks_in_order():
     assert out.returncode == 0, out.stderr
     listed = [line.split(":")[0].split(". ", 1)[1] for line in out.stdout.splitlines() if line[:1].isdigit()]
     assert listed == list(gpu_check.CHECKS)
-    assert {"logits_cuda_vs_cpu", "train_entry_point", "generate_cuda_vs_cpu", "pixel_slice_throughput"} <= set(listed)
+    assert {"logits_cuda_vs_cpu", "train_entry_point", "generate_cuda_vs_cpu", "packed_thd",
+            "pixel_slice_throughput"} <= set(listed)
 
 
 def test_a_real_run_without_cuda_refuses_with_the_way_out():

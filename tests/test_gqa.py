@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2VLTextConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_params
 
+from nemo_pixellm.data.dataset import packed_segments
 from nemo_pixellm.hf.llama import gqa_to_hf
 
 from conftest import build_pixellm
@@ -164,8 +166,12 @@ def test_irope_with_chunked_attention_equals_llama4(megatron_single_process):
         packed = model(ids[:1], positions, attention_mask=packed_mask)[0]
         alone = torch.cat([model(part, torch.arange(part.shape[1])[None], attention_mask=causal(part.shape[1]))[0]
                            for part in (ids[:1, :first], ids[:1, first:])])
-    print(f"iRoPE packed row of {first} + {seq - first} tokens vs alone: {(packed - alone).abs().max():.2e}")
+        segments = (torch.arange(seq) >= first).long()[None]  # the same row as THD (PackedSeqParams)
+        thd = model(ids[:1], positions, packed_seq_params=get_packed_seq_params(packed_segments(segments)))[0]
+    print(f"iRoPE packed row of {first} + {seq - first} tokens vs alone: mask {(packed - alone).abs().max():.2e}, "
+          f"THD {(thd - alone).abs().max():.2e}")
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
+    torch.testing.assert_close(thd, alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
 
     # Cached decoding of right-padded prompts longer than a chunk: each step's logits as without the cache.
     from nemo_pixellm.generate import generate

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, QUICK, ROOT, losses, metrics, run_train
+from conftest import PYTHON, QUICK, ROOT, compose_cfg, losses, metrics, run_train
 from test_training import checkpoint_tensors, ema_tensors
 
 pytestmark = pytest.mark.slow
@@ -59,6 +59,23 @@ def test_layout_equals_one_process(layout, reference: Path, cache_dir, tmp_path)
     check_two_processes(reference, LAYOUTS[layout], layout, cache_dir, tmp_path)
     if layout == "tp2_ep2":
         check_ema_export(reference, cache_dir, tmp_path)
+
+
+# Packed samples (THD, Megatron's PackedSeqParams): TP=2 splits the packed tokens under sequence parallelism;
+# PP=2 passes them between stages in the schedule's [s, b, h] shape.
+PACKED = ["dataset.pack=true", "dataset.image_size=112", "model.vision_image_size=112"]  # 112 px: ~3 samples a row
+
+
+@pytest.fixture(scope="module")
+def packed_reference(cache_dir, tmp_path_factory):
+    return one_process_runs(tmp_path_factory.mktemp("packed"), cache_dir, PACKED)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_packed_layout_equals_one_process(layout, packed_reference: Path, cache_dir, tmp_path):
+    rows = compose_cfg(["+stage=stage2", *PACKED]).train.global_batch_size
+    assert all(len(keys) > rows for keys in sample_keys(packed_reference / "one-run"))  # rows hold several samples
+    check_two_processes(packed_reference, [*PACKED, *LAYOUTS[layout]], f"packed {layout}", cache_dir, tmp_path)
 
 
 def test_gqa_tp2_equals_one_process(cache_dir, tmp_path):

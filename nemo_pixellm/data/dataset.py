@@ -12,8 +12,9 @@ sequence (the *plan*, decided in sequence order, a block at a time), then builds
 
 - Mixing: each next sample comes from the source furthest below its target share of tokens so far
   (e.g. 70:30 vision-language : text), each source in a seeded per-epoch shuffle: deterministic by seed.
-- Packing: consecutive samples share a sequence while they fit; collate turns segment ids into a
-  block-diagonal causal attention mask, so packed samples never see each other.
+- Packing: consecutive samples share a sequence while they fit; collate turns segment ids into THD boundaries
+  (``cu_seqlens_q``, Megatron's PackedSeqParams: both backends attend within each sample), so packed samples
+  never see each other.
 - Progressive resolution: ``resolution_schedule`` [[fraction of training, view size], ...] picks the view
   size from the sequence index (Megatron's sampler hands out global indices in order, so index //
   global_batch_size is the step): the same after a resume, and one size per global batch.
@@ -242,16 +243,25 @@ class TrainingSequences(torch.utils.data.Dataset):
         batch = {k: torch.stack([item[k] for item in items]) for k in ("tokens", "labels", "loss_mask")}
         batch["position_ids"] = torch.stack([item["position_ids"] for item in items], dim=1)  # [3, b, s]
         segments = torch.stack([item["segment_ids"] for item in items])
-        if (segments.amax(dim=1) > 0).any():  # packed: block-diagonal causal mask, True = masked (Megatron)
-            causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool).tril()
-            same = segments[:, :, None] == segments[:, None, :]
-            batch["attention_mask"] = ~(same & causal).unsqueeze(1)
+        if (segments.amax(dim=1) > 0).any():  # packed: the rows as one THD sequence, cut at every sample
+            batch.update(packed_segments(segments))
         # Views and grids in sample order = image-token order.
         batch["images"] = torch.cat([item["images"] for item in items])
         batch["image_grids"] = torch.cat([item["image_grids"] for item in items])
         batch["samples"] = [item["samples"] for item in items]
         batch["skipped"] = [record for item in items for record in item.get("skipped", [])]
         return batch
+
+
+def packed_segments(segment_ids: torch.Tensor) -> dict:
+    """Segment ids [b, s] -> Megatron's THD boundaries over the b * s tokens read row after row:
+    ``cu_seqlens_q`` (int32; a segment per sample, and per row's padding run) and ``max_seqlen_q``."""
+    flat = segment_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: segment_ids.shape[1]] = True  # a row's first token starts a segment even if its id repeats
+    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
+    return {"cu_seqlens_q": bounds, "max_seqlen_q": int((bounds[1:] - bounds[:-1]).max())}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 Megatron-Core's local DotProductAttention has no k_channels / v_channels, so MLA (q/k head dim 192 vs
 v head dim 128 in PixelLM) cannot use it; this module fills the same spec slot with the same interface, and
 serves grouped-query attention too (fewer key / value heads than query heads).
+
+Packed sequences arrive as TE takes them: THD ([tokens, heads, dim], ``packed_seq_params.cu_seqlens_q``);
+each segment is attended on its own with causal SDPA (torch's nested-tensor SDPA dispatches to CUDA on a
+CPU build), so memory grows with the longest segment, not as the square of the packed length.
 """
 
 import torch
@@ -49,8 +53,23 @@ class SDPACoreAttention(MegatronModule):
         packed_seq_params=None,
     ) -> torch.Tensor:
         if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences on the local backend use a block-diagonal attention_mask")
-        mask_type = attn_mask_type or self.attn_mask_type
+            return self._packed(query, key, value, packed_seq_params)
+        return self._attend(query, key, value, attention_mask, attn_mask_type or self.attn_mask_type)
+
+    def _packed(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        """THD [t, heads, dim] -> [t, heads * v_dim]: causal attention within each cu_seqlens segment."""
+        if packed_seq_params.qkv_format != "thd" or not torch.equal(packed_seq_params.cu_seqlens_q,
+                                                                    packed_seq_params.cu_seqlens_kv):
+            raise NotImplementedError("the local backend packs self-attention as THD with cu_seqlens_q == _kv")
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        if bounds[-1] != query.shape[0]:
+            raise ValueError(f"cu_seqlens_q ends at {bounds[-1]} but the packed sequence has {query.shape[0]} tokens")
+        out = [self._attend(*(t[start:end].unsqueeze(1) for t in (query, key, value)), None, AttnMaskType.causal)
+               for start, end in zip(bounds, bounds[1:])]
+        return torch.cat(out).squeeze(1)
+
+    def _attend(self, query, key, value, attention_mask, mask_type) -> torch.Tensor:
+        """[s, b, heads, dim] -> [s, b, heads * v_dim]."""
         seq_q, batch, heads, _ = query.shape
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))

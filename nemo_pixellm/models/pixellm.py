@@ -105,9 +105,21 @@ class PixelLMModel(MegatronModule):
         **kwargs,
     ) -> torch.Tensor:
         """``position_ids``: [b, s] (1D) or [3, b, s] (M-RoPE t/h/w ids); None = 0..s-1. Decoding passes
-        ``inference_context=LatentCache()`` (nemo_pixellm.models.mla)."""
+        ``inference_context=LatentCache()`` (nemo_pixellm.models.mla).
+
+        Packed rows (``packed_seq_params``, THD): the b rows run as one sequence of b * s tokens whose samples
+        ``cu_seqlens_q`` delimits (Megatron's packed layout [t, 1, h]); inputs and outputs keep their [b, s]
+        shapes, and what passes between pipeline stages keeps the schedule's [s, b, h] shape."""
+        rows = input_ids.shape
+        if packed_seq_params is not None:
+            input_ids = input_ids.reshape(1, -1)
+            position_ids = position_ids.reshape(*position_ids.shape[:-2], 1, -1)
+            labels = labels.reshape(1, -1) if labels is not None else None
+            if not self.pre_process:
+                received = self.language_model.decoder.input_tensor
+                self.language_model.decoder.set_input_tensor(received.reshape(-1, 1, received.shape[-1]))
         decoder_input = self.embed(input_ids, images, image_grids) if self.pre_process else None
-        return self.language_model(
+        output = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
@@ -116,3 +128,8 @@ class PixelLMModel(MegatronModule):
             packed_seq_params=packed_seq_params,
             **kwargs,
         )
+        if packed_seq_params is None:
+            return output
+        if not self.post_process:  # hidden states [t, 1, h] -> the pipeline's [s, b, h] (same tokens)
+            return output.reshape(-1, rows[0], output.shape[-1])
+        return output.reshape(*rows, *output.shape[2:])  # losses [1, t] or logits [1, t, v] -> [b, s, ...]

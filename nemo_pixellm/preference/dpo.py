@@ -19,6 +19,7 @@ from nemo_pixellm.data.shards import BadRecord
 from nemo_pixellm.preference.losses import dpo_loss
 from nemo_pixellm.preference.reference import ReferenceWeights, eval_mode
 from nemo_pixellm.training.run_state import RunState
+from nemo_pixellm.training.step import packed_seq_params
 
 MAX_DRAWS = 100
 
@@ -86,7 +87,7 @@ class DPOStep:
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         timers("batch-generator").stop()
         inputs = dict(input_ids=batch["tokens"], position_ids=batch["position_ids"], labels=batch["labels"],
-                      attention_mask=batch.get("attention_mask"), images=batch["images"],
+                      packed_seq_params=packed_seq_params(batch), images=batch["images"],
                       image_grids=batch["image_grids"])
         with eval_mode(model), self.reference.swapped_in(model):
             reference = answer_logprobs(model(**inputs), batch["loss_mask"])

@@ -5,6 +5,7 @@ from functools import partial
 import torch
 from megatron.bridge.training.losses import masked_next_token_loss
 from megatron.bridge.training.state import GlobalState
+from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_params
 
 from nemo_pixellm.training.run_state import RunState
 
@@ -12,6 +13,11 @@ from nemo_pixellm.training.run_state import RunState
 def next_batch(data_iterator, device: torch.device) -> dict:
     batch = next(data_iterator)
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def packed_seq_params(batch: dict):
+    """A packed batch's THD parameters (its rows as one sequence; ``TrainingSequences.collate_fn``), else None."""
+    return get_packed_seq_params(batch) if "cu_seqlens_q" in batch else None
 
 
 class ForwardStep:
@@ -30,10 +36,10 @@ class ForwardStep:
         output = model(
             input_ids=batch["tokens"],
             position_ids=batch["position_ids"],
-            attention_mask=batch.get("attention_mask"),
             labels=batch["labels"],
             images=batch.get("images"),
             image_grids=batch.get("image_grids"),
+            packed_seq_params=packed_seq_params(batch),
         )
         if model.training:
             if (change := self.run_state.view_size_change(batch.get("images"))) is not None:

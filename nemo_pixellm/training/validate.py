@@ -241,12 +241,6 @@ def validate_layout(cfg, world_size: int) -> None:
         raise ConfigError(f"model.mrope_section {list(m.mrope_section)} must sum to {rope_key}/2 = {rope_dim // 2}")
     if cfg.model.seq_length != cfg.dataset.seq_length:
         raise ConfigError("model.seq_length and dataset.seq_length differ: set the top-level seq_length instead")
-    if cfg.dataset.pack and resolve_use_te(m.use_te):
-        raise ConfigError(
-            "dataset.pack=true isolates packed samples with an attention mask that only the local backend applies "
-            "(Transformer Engine's causal attention ignores it; its packed THD path is not wired yet): set "
-            "model.use_te=false or dataset.pack=false"
-        )
     validate_images(cfg.dataset)
 
 
