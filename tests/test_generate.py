@@ -255,3 +255,36 @@ def test_chat_keeps_the_conversation_and_its_cache(megatron_single_process):
     assert chat.tokens == tokens and len(tokens) > 60
     with pytest.raises(ValueError, match="the conversation needs .* positions .* context of 30"):
         Chat(model, tokenizer, LAYOUT, context=30, max_new_tokens=6).ask("what colour", [picture(90, 60, 1)])
+
+
+def follow_transformer_engines_mask_rules(monkeypatch) -> list[bool]:
+    """Make the local core attention apply masks as Transformer Engine's does: an explicit attention_mask only under
+    AttnMaskType.arbitrary; else its mask type alone (causal: top-left aligned when queries and keys differ in
+    number, as torch's is_causal). Returns, per call given a mask, whether the mask was announced."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from nemo_pixellm.models.core_attention import SDPACoreAttention
+
+    sdpa, announced = SDPACoreAttention.forward, []
+
+    def te_rules(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+        arbitrary = (attn_mask_type or self.attn_mask_type) == AttnMaskType.arbitrary
+        if attention_mask is not None:  # (the vision tower's calls have none)
+            announced.append(arbitrary)
+        return sdpa(self, query, key, value, attention_mask if arbitrary else None, attn_mask_type, **kwargs)
+
+    monkeypatch.setattr(SDPACoreAttention, "forward", te_rules)
+    return announced
+
+
+def test_decoding_is_right_under_transformer_engines_mask_rules(model, monkeypatch):
+    """With a core attention that applies masks as Transformer Engine does, and the cache re-expanded as on TE (no
+    absorbed form: TE fuses kv_layernorm into linear_kv_up_proj), a right-padded batch decodes the tokens of
+    uncached decoding: decoding announces every mask it relies on (before, TE's causal kernel would have let each
+    decoding step see only the first cached token)."""
+    prompts = _prompts(torch.Generator().manual_seed(4))
+    want = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=6, use_cache=False)
+    announced = follow_transformer_engines_mask_rules(monkeypatch)
+    monkeypatch.setattr(PixelMLASelfAttention, "_absorbable", lambda self: False)
+    assert generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=6) == want and sum(map(len, want)) >= 12
+    assert announced and all(announced)

@@ -80,9 +80,9 @@ def test_gqa_with_1d_positions_equals_llama(megatron_single_process):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def test_gqa_cached_decoding_equals_uncached(qwen_like):
+def test_gqa_cached_decoding_equals_uncached(qwen_like, monkeypatch):
     from nemo_pixellm.generate import generate
-    from test_generate import _prompts
+    from test_generate import _prompts, follow_transformer_engines_mask_rules
 
     prompts = _prompts(torch.Generator().manual_seed(4))
     cached_scores, uncached_scores = [], []
@@ -92,6 +92,9 @@ def test_gqa_cached_decoding_equals_uncached(qwen_like):
     assert cached == uncached and sum(map(len, cached)) >= 6
     for a, b in zip(cached_scores, uncached_scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    # The same tokens when masks are applied as Transformer Engine applies them (test_generate.py).
+    announced = follow_transformer_engines_mask_rules(monkeypatch)
+    assert generate(qwen_like, prompts, eos_id=1, pad_id=0, max_new_tokens=6) == cached and announced and all(announced)
 
 
 @pytest.mark.slow

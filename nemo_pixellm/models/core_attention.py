@@ -9,6 +9,8 @@ each segment is attended on its own with causal SDPA (torch's nested-tensor SDPA
 CPU build), so memory grows with the longest segment, not as the square of the packed length.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
@@ -89,6 +91,21 @@ class SDPACoreAttention(MegatronModule):
             enable_gqa=k.shape[1] != q.shape[1],  # grouped-query attention: each k/v head serves heads / groups
         )
         return out[..., :v_dim].permute(2, 0, 1, 3).reshape(seq_q, batch, heads * v_dim)
+
+
+@contextlib.contextmanager
+def announced_mask(attention, attention_mask: torch.Tensor | None):
+    """An attention layer's call whose explicit ``attention_mask`` (padded rows, cache slots while decoding) is
+    announced as AttnMaskType.arbitrary: Transformer Engine applies a given mask only under that type (its causal
+    kernels ignore it); this backend applies any mask it is given."""
+    if attention_mask is None:
+        yield
+        return
+    kept, attention.attn_mask_type = attention.attn_mask_type, AttnMaskType.arbitrary
+    try:
+        yield
+    finally:
+        attention.attn_mask_type = kept
 
 
 def chunked(visible: torch.Tensor | None, queries: int, keys: int, chunk: int, device) -> torch.Tensor:

@@ -12,6 +12,7 @@ tokens (Megatron's own static-batching cache rotates positions 0..s-1 only).
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
+from nemo_pixellm.models.core_attention import announced_mask
 from nemo_pixellm.models.mla import LatentCache
 
 
@@ -26,8 +27,9 @@ class PixelSelfAttention(SelfAttention):
     def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, *args, **kwargs):
         if inference_context is None:
-            return super().forward(hidden_states, attention_mask, key_value_states, None, rotary_pos_emb,
-                                   *args, **kwargs)
+            with announced_mask(self, attention_mask):
+                return super().forward(hidden_states, attention_mask, key_value_states, None, rotary_pos_emb,
+                                       *args, **kwargs)
         if not isinstance(inference_context, LatentCache):
             raise NotImplementedError("PixelLM's attention decodes with its LatentCache (nemo_pixellm.generate)")
         if rotary_pos_emb is None:
@@ -37,8 +39,9 @@ class PixelSelfAttention(SelfAttention):
         key_table = rotary_pos_emb if cached is None else torch.cat([cached[2], rotary_pos_emb])
         self._cache_call = (inference_context, rotary_pos_emb)
         try:
-            return super().forward(hidden_states, attention_mask, key_value_states, None,
-                                   (rotary_pos_emb, key_table), *args, **kwargs)
+            with announced_mask(self, attention_mask):
+                return super().forward(hidden_states, attention_mask, key_value_states, None,
+                                       (rotary_pos_emb, key_table), *args, **kwargs)
         finally:
             self._cache_call = None
 

@@ -34,6 +34,7 @@ from megatron.core.inference.contexts.base_context import BaseInferenceContext
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
+from nemo_pixellm.models.core_attention import announced_mask
 from nemo_pixellm.tiling import mrope_axis_per_column
 
 
@@ -164,8 +165,9 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         if inference_context is not None and self.layer_number in inference_context.layers and self._absorbable():
             return self._absorbed_decode(hidden_states, attention_mask, inference_context, rotary_pos_emb)
         inputs = _CallInputs(rotary_pos_emb, inference_context)
-        return super().forward(hidden_states, attention_mask, key_value_states, None, None, *args,
-                               position_ids=inputs, **kwargs)
+        with announced_mask(self, attention_mask):
+            return super().forward(hidden_states, attention_mask, key_value_states, None, None, *args,
+                                   position_ids=inputs, **kwargs)
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, position_ids=None, *args, **kwargs):
         inputs = position_ids if isinstance(position_ids, _CallInputs) else _CallInputs(None, None)
