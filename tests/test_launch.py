@@ -163,6 +163,9 @@ def test_memory_estimate_counts_every_parameter_once(capsys):
     # Distributed optimizer: dense states over DP=8, expert states over expert-DP = 8 / EP = 1.
     assert sharded.optimizer * GIB == pytest.approx(dense * 12 / 8 + groups["layers", "expert"] / 8 * 12)
     assert sharded.weights_and_grads == est.weights_and_grads
+    # CP=2: each rank holds half of every sequence's language-model activations (the vision tower runs whole)
+    cp2 = estimate_memory(container("model.expert_model_parallel_size=8", "model.context_parallel_size=2"), 8, groups)
+    assert est.activations / 2 < cp2.activations < est.activations
 
 
 def test_slurm_jobs_turn_on_bridges_exit_signal_handler(tmp_path):

@@ -78,6 +78,15 @@ def test_packed_layout_equals_one_process(layout, packed_reference: Path, cache_
     check_two_processes(packed_reference, [*PACKED, *LAYOUTS[layout]], f"packed {layout}", cache_dir, tmp_path)
 
 
+# Context parallelism: the loss summed over each rank's tokens (per-rank means would average different counts)
+PER_TOKEN = ["+model.calculate_per_token_loss=true"]
+
+
+def test_cp2_equals_one_process(cache_dir, tmp_path):
+    reference = one_process_runs(tmp_path / "reference", cache_dir, PER_TOKEN)
+    check_two_processes(reference, [*PER_TOKEN, "model.context_parallel_size=2"], "cp2", cache_dir, tmp_path)
+
+
 def test_gqa_tp2_equals_one_process(cache_dir, tmp_path):
     reference = one_process_runs(tmp_path / "reference", cache_dir, GQA)
     check_two_processes(reference, [*GQA, *LAYOUTS["tp2"]], "gqa tp2", cache_dir, tmp_path)

@@ -13,8 +13,11 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from nemo_pixellm.models.context_parallel import attend_across_ranks
 
 
 class SDPACoreAttention(MegatronModule):
@@ -34,8 +37,10 @@ class SDPACoreAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
+        # context parallelism: the keys and values of the whole sequence are gathered (models/context_parallel.py)
+        self.cp_group = None
         if config.context_parallel_size > 1:
-            raise NotImplementedError("context parallelism needs the Transformer Engine backend")
+            self.cp_group = pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -56,6 +61,11 @@ class SDPACoreAttention(MegatronModule):
     ) -> torch.Tensor:
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
+        if self.cp_group is not None:
+            if attention_mask is not None:
+                raise NotImplementedError("an explicit attention mask with context parallelism")
+            return attend_across_ranks(lambda q, k, v, mask: self._attend(q, k, v, mask, None),
+                                       query, key, value, self.cp_group)
         return self._attend(query, key, value, attention_mask, attn_mask_type or self.attn_mask_type)
 
     def _packed(self, query, key, value, packed_seq_params) -> torch.Tensor:

@@ -65,7 +65,7 @@ class RopeTable(torch.nn.Module):
         # One row per position value; rows rounded up to a power of two so that decoding, one position
         # further each step, hits Megatron's per-length cache of the table instead of rebuilding it.
         rows = max(64, 1 << int(positions.max()).bit_length())
-        out = self.base(rows)
+        out = self.base(rows, packed_seq=True)  # the whole table: under CP the positions are this rank's already
         table = out[0] if isinstance(out, tuple) else out  # YaRN also returns its mscale
         # Megatron keeps the frequencies in a plain attribute that model.to() does not move: a model built on
         # one device and moved to another gets its table copied to where the positions are.
@@ -94,9 +94,9 @@ class _GivenTable(torch.nn.Module):
         return self.base.get_rotary_seq_len(*args, **kwargs)
 
     def forward(self, seq_len: int, *args, **kwargs):
-        out = self.base(seq_len if self.table is None else 1, *args, **kwargs)
         if self.table is None:
-            return out
+            return self.base(seq_len, *args, **kwargs)
+        out = self.base(1, *args, **{**kwargs, "packed_seq": True})  # for YaRN's mscale only: no CP cut of it
         return (self.table, out[1]) if isinstance(out, tuple) else self.table  # YaRN: with its mscale
 
     @contextlib.contextmanager

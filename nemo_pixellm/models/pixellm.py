@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
+from nemo_pixellm.models import context_parallel
 from nemo_pixellm.models.projector import PixelProjector
 from nemo_pixellm.models.vision import VisionTower
 
@@ -47,6 +48,7 @@ class PixelLMModel(MegatronModule):
             embedding = language_model.embedding
             embedding.reduce_scatter_embeddings = embedding.word_embeddings.reduce_scatter_embeddings = False
             embedding.scatter_to_sequence_parallel = False
+        self.cp_group = pg_collection.cp if pg_collection is not None and config.context_parallel_size > 1 else None
         # Megatron's schedules and DDP look these up on the model they are given.
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
 
@@ -67,10 +69,12 @@ class PixelLMModel(MegatronModule):
               image_grids: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with image features scattered into the image-token positions: [s, b, h].
 
-        Under sequence parallelism the embeddings are built whole, images inserted, then scattered.
+        Under sequence parallelism the embeddings are built whole, images inserted, then scattered; under context
+        parallelism built whole, images inserted, then cut to this rank's part (``models/context_parallel.py``).
         """
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         embeddings = self._insert_images(embeddings, input_ids, images, image_grids)
+        embeddings = context_parallel.cut(embeddings, 0, self.cp_group)  # after the images: they may straddle a cut
         if self.config.sequence_parallel:
             embeddings = scatter_to_sequence_parallel_region(embeddings)
         return embeddings
@@ -109,7 +113,10 @@ class PixelLMModel(MegatronModule):
 
         Packed rows (``packed_seq_params``, THD): the b rows run as one sequence of b * s tokens whose samples
         ``cu_seqlens_q`` delimits (Megatron's packed layout [t, 1, h]); inputs and outputs keep their [b, s]
-        shapes, and what passes between pipeline stages keeps the schedule's [s, b, h] shape."""
+        shapes, and what passes between pipeline stages keeps the schedule's [s, b, h] shape.
+
+        Context parallelism: ``input_ids`` is the whole sequence (images go in before the cut), ``position_ids``
+        and ``labels`` this rank's part of it (the forward step cuts them); the output is this rank's part."""
         rows = input_ids.shape
         if packed_seq_params is not None:
             input_ids = input_ids.reshape(1, -1)

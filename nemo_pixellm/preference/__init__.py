@@ -23,9 +23,10 @@ def check_stage4(stage, train, model, data, init_from_pending: bool = False) -> 
     if not stage.get("init_from") and not init_from_pending:
         raise ConfigError("stage4 starts from a trained policy, which is also its reference: set "
                           "stage.init_from=<the stage-3 checkpoint.save directory>")
-    if model.pipeline_model_parallel_size > 1:
+    if model.pipeline_model_parallel_size > 1 or model.context_parallel_size > 1:
         raise ConfigError("stage4 runs rollouts and reference passes inside the forward step, which needs "
-                          "model.pipeline_model_parallel_size=1 (tensor, expert and data parallel are fine)")
+                          "model.pipeline_model_parallel_size=1 and model.context_parallel_size=1 (tensor, expert "
+                          "and data parallel are fine)")
     if not model.calculate_per_token_loss:
         raise ConfigError("stage4 averages its loss over the whole global batch: keep "
                           "model.calculate_per_token_loss=true (conf/stage/stage4.yaml)")

@@ -103,7 +103,7 @@ def estimate_memory(container, world_size: int, groups: Counter) -> MemoryEstima
     )
     expert_gib = experts * (weight_grad_bytes + optimizer_bytes / (expert_dp if shard else 1)) / GIB
 
-    s, b, h = container.dataset.seq_length, train.micro_batch_size, m.hidden_size
+    s, b, h = container.dataset.seq_length // cp, train.micro_batch_size, m.hidden_size  # this CP rank's tokens
     micro_batches = train.global_batch_size // (b * dp)
     in_flight = min(pp, micro_batches)
     lm_layer = 34 * s * b * h / tp

@@ -3,10 +3,12 @@
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 from megatron.bridge.training.losses import masked_next_token_loss
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_params
 
+from nemo_pixellm.models import context_parallel
 from nemo_pixellm.training.run_state import RunState
 
 
@@ -33,10 +35,13 @@ class ForwardStep:
         device = next(model.parameters()).device
         batch = next_batch(data_iterator, device) if data_iterator is not None else None
         timers("batch-generator").stop()
+        # context parallelism: this rank's part of the targets; the tokens stay whole for the images' sake
+        cp_group = parallel_state.get_context_parallel_group()
+        labels, loss_mask = (context_parallel.cut(batch[k], 1, cp_group) for k in ("labels", "loss_mask"))
         output = model(
             input_ids=batch["tokens"],
-            position_ids=batch["position_ids"],
-            labels=batch["labels"],
+            position_ids=context_parallel.cut(batch["position_ids"], 2, cp_group),
+            labels=labels,
             images=batch.get("images"),
             image_grids=batch.get("image_grids"),
             packed_seq_params=packed_seq_params(batch),
@@ -47,7 +52,7 @@ class ForwardStep:
             self.run_state.record_batch(batch)
         rerun = state.cfg.rerun_state_machine
         loss_fn = partial(
-            masked_next_token_loss, batch["loss_mask"],
+            masked_next_token_loss, loss_mask,
             check_for_nan_in_loss=rerun.check_for_nan_in_loss, check_for_spiky_loss=rerun.check_for_spiky_loss,
         )
         return output, loss_fn

@@ -180,6 +180,21 @@ def validate_run(cfg, container) -> None:
             _check_shards(container.dataset.valid_path, "dataset.valid_path", "vqa")
 
 
+def check_context_parallel(cfg, cp: int) -> None:
+    """What context parallelism (models/context_parallel.py) takes: sequences cut into 2 x CP equal chunks, and
+    neither packed samples (THD across CP ranks needs TE's partitioning, not wired), stage 4 (rollouts decode on
+    one rank's sequence), nor chunked attention."""
+    seq = cfg.model.seq_length
+    if seq % (2 * cp):
+        raise ConfigError(f"model.context_parallel_size={cp} cuts each sequence into {2 * cp} equal chunks: seq_length "
+                          f"{seq} is not a multiple of {2 * cp}")
+    if cfg.dataset.pack:
+        raise ConfigError("dataset.pack=true with model.context_parallel_size > 1 is not supported yet (packed "
+                          "samples across CP ranks need TE's THD partitioning): set dataset.pack=false")
+    if cfg.model.attention_chunk_size:
+        raise ConfigError("model.attention_chunk_size with model.context_parallel_size > 1 is not supported")
+
+
 def validate_layout(cfg, world_size: int) -> None:
     m = cfg.model
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
@@ -193,6 +208,8 @@ def validate_layout(cfg, world_size: int) -> None:
             "or the number of processes"
         )
     dp = world_size // model_parallel
+    if cp > 1:
+        check_context_parallel(cfg, cp)
     if m.num_attention_heads % tp:
         raise ConfigError(
             f"model.tensor_model_parallel_size={tp} does not divide the {m.num_attention_heads} attention heads"
