@@ -115,7 +115,6 @@ def test_chain_submits_dependent_stages_from_previous_checkpoints(capsys, tmp_pa
         (["variant=megapixel", "cluster.nodes=2", "model.tensor_model_parallel_size=3", "model.sequence_parallel=true"],
          "world size 16 is not divisible"),
         (["variant=pixel", "cluster.nodes=1", "checkpoint.save=/elsewhere"], "checkpoint.save is set by the launcher"),
-        (["variant=pixel", "cluster.nodes=1", "dataset.pack=true"], "with an attention mask that only the local backend"),
         # Data errors too are caught on the login node, before any allocation.
         (["variant=pixel", "cluster.nodes=1", "dataset.path=/no/such/shards"],
          "no manifest.json in /no/such/shards: point dataset.path at a directory written by data_prep"),

@@ -168,3 +168,26 @@ def test_ema_follows_its_formula_and_survives_resume(cache_dir, tmp_path):
     resumed = ema_tensors(tmp_path / "b" / "iter_0000003", tmp_path)
     for name in ema_at[3]:
         torch.testing.assert_close(resumed[name], ema_at[3][name], rtol=1e-6, atol=1e-7)
+
+
+def test_vision_lr_mult_scales_the_towers_learning_rate_alone(cache_dir, tmp_path):
+    """stage.vision_lr_mult (Bridge's optimizer parameter-group overrides): one plain-SGD step from the same
+    weights moves every vision-tower weight by exactly mult x its move at mult 1, and nothing else differently."""
+    sgd = ["optimizer.optimizer=sgd", "optimizer.lr=0.5", "optimizer.min_lr=0.5", "scheduler.lr_warmup_iters=0",
+           "optimizer.clip_grad=0", "optimizer.weight_decay=0", "train.train_iters=1"]
+    run_train(["+stage=stage2", *QUICK, "train.train_iters=1", f"checkpoint.save={tmp_path / 'init'}",
+               f"run_dir={tmp_path / 'init-run'}"], cache_dir)
+    start = checkpoint_tensors(tmp_path / "init", tmp_path)
+    moves = {}
+    for mult in (1.0, 0.1):
+        save = tmp_path / f"mult{mult}"
+        run_train(["+stage=stage2", *QUICK, *sgd, f"stage.vision_lr_mult={mult}", f"stage.init_from={tmp_path / 'init'}",
+                   f"checkpoint.save={save}", f"run_dir={tmp_path / f'run{mult}'}"], cache_dir)
+        moves[mult] = {k: v - start[k] for k, v in checkpoint_tensors(save, tmp_path).items() if k in start}
+    vision = [k for k in moves[1.0] if k.startswith("vision_model.") and moves[1.0][k].abs().max() > 0]
+    others = [k for k in moves[1.0] if not k.startswith("vision_model.") and moves[1.0][k].abs().max() > 0]
+    assert vision and others
+    for k in vision:
+        torch.testing.assert_close(moves[0.1][k], 0.1 * moves[1.0][k], rtol=1e-4, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    for k in others:
+        torch.testing.assert_close(moves[0.1][k], moves[1.0][k], rtol=1e-4, atol=1e-7, msg=lambda m: f"{k}: {m}")

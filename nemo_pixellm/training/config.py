@@ -18,12 +18,14 @@ from megatron.bridge.training.config import (
     DistributedInitConfig,
     LoggerConfig,
     OptimizerConfig,
+    OptimizerConfigOverrideProvider,
     RNGConfig,
     SchedulerConfig,
     TrainingConfig,
     ValidationConfig,
 )
 from megatron.bridge.training.tokenizers.config import TokenizerConfig
+from megatron.core.optimizer import ParamKey
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_pixellm.data import sources
@@ -79,6 +81,22 @@ def _section(cfg: DictConfig, name: str) -> dict:
         if key not in valid:
             raise _unknown_key_error(name, key, valid)
     return values
+
+
+@dataclasses.dataclass
+class VisionLearningRate(OptimizerConfigOverrideProvider):
+    """Bridge's parameter groups, the vision tower's at ``mult`` x the learning rate (``stage.vision_lr_mult``;
+    DeepSeek-VL2 trains its vision encoder at 0.1 x)."""
+
+    mult: float = 1.0
+
+    def build_config_overrides(self, context):
+        overrides = super().build_config_overrides(context) or {}
+        if self.mult != 1.0:
+            optimizer = context.optimizer_config
+            overrides[ParamKey(name="*vision_model.*")] = {"max_lr": optimizer.lr * self.mult,
+                                                           "min_lr": optimizer.min_lr * self.mult}
+        return overrides or None
 
 
 def check_stage(cfg: DictConfig) -> DictConfig:
@@ -176,6 +194,7 @@ def build_config(cfg: DictConfig, world_size: int | None = None, init_from_pendi
         validation=ValidationConfig(**sections["validation"]),
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=tokenizer.vocab_size),
         mixed_precision=cfg.get("mixed_precision"),
+        optimizer_config_override_provider=VisionLearningRate(mult=float(stage.get("vision_lr_mult", 1.0))),
     )
     validate_layout(container, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     validate_run(cfg, container)
