@@ -191,13 +191,13 @@ def generate_cuda_vs_cpu():
 def packed_thd():
     from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_params
     from nemo_pixellm.data.dataset import packed_segments
-    from packing_memory import sample_lengths
+    from packing_memory import packed_row, sample_lengths
 
     model, vocab = tiny_on_device(), MODELS["tiny"]["vocab_size"]
     lengths = sample_lengths(4096, 16)
     ids, _ = token_batch(vocab, 1, 4096, DEVICE)
-    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
-    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE)
+    segments, positions = packed_row(lengths)
+    positions = positions.to(DEVICE)
     params = get_packed_seq_params({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
                                     for k, v in packed_segments(segments).items()})
     packed = model(ids, positions, labels=ids, packed_seq_params=params)[0].cpu()

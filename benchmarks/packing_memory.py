@@ -31,6 +31,12 @@ def sample_lengths(tokens: int, samples: int) -> list[int]:
     return lengths.tolist()
 
 
+def packed_row(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment ids [1, t], positions [1, t] restarting at 0 in every sample) of one row packed with ``lengths``."""
+    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    return segments, torch.cat([torch.arange(n) for n in lengths])[None]
+
+
 def run_layout(layout: str, tokens: int, samples: int, repeats: int) -> dict:
     from nemo_pixellm import compat
 
@@ -47,9 +53,7 @@ def run_layout(layout: str, tokens: int, samples: int, repeats: int) -> dict:
         moe_router_topk_scaling_factor=1.0, init_method_std=0.05, image_token_id=sizes["vocab_size"] - 1,
         vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
         vision_image_size=56)
-    lengths = sample_lengths(tokens, samples)
-    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    segments, positions = packed_row(sample_lengths(tokens, samples))
     ids = torch.randint(0, sizes["vocab_size"] - 1, (1, tokens), generator=torch.Generator().manual_seed(1))
     if layout == "thd":
         inputs = {"packed_seq_params": get_packed_seq_params(packed_segments(segments))}
