@@ -1,17 +1,23 @@
 """The plugin against Hugging Face transformers' DeepseekV3ForCausalLM on the same model: same weights (through
 the plugin's Hugging Face name map), same batch, fp32, the same thread count, A/B steps interleaved.
 
-    .venv/bin/python benchmarks/vs_transformers.py [--repeats 12] [--threads 2] [--parts train decode] [--json out.json]
+    .venv/bin/python benchmarks/vs_transformers.py [--repeats 12] [--threads 2] [--parts train decode entry] [--json out.json]
 
 Prints per case the medians, the median of the pairwise time ratios (plugin / transformers: < 1 is faster),
 whether both decoded the same greedy tokens, and for the training steps the model FLOP/s against this
 machine's measured fp32 matmul peak. A training step is forward, backward and one AdamW step of the language
-model alone (same torch optimizer on both sides). Run it alone on the machine.
+model alone (same torch optimizer on both sides). ``entry`` compares the tiny VLM's stage-2 step through the
+real entry point (``python -m nemo_pixellm.train``: Bridge's loop, data workers, logging, callbacks) with the same
+model's step in process (Bridge's setup, then only Megatron's forward-backward schedule and the optimizer step
+on micro-batches read beforehand), each in its own process. Run it alone on the machine.
 """
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -163,13 +169,97 @@ def decode_part(name: str, batch: int, repeats: int, prompt: int = 32, new: int 
     return out
 
 
+# The entry-point comparison's run: the tiny variant's stage 2 (pretraining), no validation, no checkpoint.
+ENTRY_OVERRIDES = ["+stage=stage2", "validation.eval_interval=null", "logger.log_interval=10"]
+
+
+def entry_point_step_times(steps: int, run_dir: Path) -> list[float]:
+    """Seconds per training step of ``python -m nemo_pixellm.train``, from the times metrics.jsonl records."""
+    command = [sys.executable, "-m", "nemo_pixellm.train", *ENTRY_OVERRIDES, f"train.train_iters={steps}",
+               f"run_dir={run_dir}"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    times = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def in_process_step_times(steps: int, run_dir: Path) -> list[float]:
+    """Seconds per step of the same model on the same kind of micro-batches without the loop: Bridge's setup
+    builds model, optimizer and data as the entry point does; the micro-batches are read first; each step is
+    then Megatron's forward-backward schedule with PixelLM's forward step, and the optimizer step."""
+    from functools import partial
+
+    from hydra import compose, initialize_config_dir
+    from megatron.bridge.data.utils import get_dataset_provider
+    from megatron.bridge.training.config import runtime_config_update
+    from megatron.bridge.training.setup import setup
+    from megatron.bridge.training.state import GlobalState
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_pixellm.train import CONF_DIR, _free_port
+    from nemo_pixellm.training.config import build_config
+    from nemo_pixellm.training.run_state import RunState
+    from nemo_pixellm.training.step import ForwardStep
+
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=[*ENTRY_OVERRIDES, f"train.train_iters={steps}",
+                                                       f"run_dir={run_dir}"])
+    state = GlobalState()
+    state.cfg = build_config(cfg)
+    runtime_config_update(state.cfg)
+    built = setup(state, get_dataset_provider(state.cfg.dataset))
+    train = state.cfg.train
+    micro = train.global_batch_size // train.micro_batch_size
+    batches = [[next(built.train_data_iterator) for _ in range(micro)] for _ in range(steps)]
+    forward_backward = get_forward_backward_func()
+    forward_step = partial(ForwardStep(RunState()), state)
+    times = []
+    for group in batches:
+        start = time.perf_counter()
+        for chunk in built.model:
+            chunk.zero_grad_buffer()
+        built.optimizer.zero_grad()
+        forward_backward(forward_step_func=forward_step, data_iterator=iter(group), model=built.model,
+                         num_microbatches=micro, seq_length=state.cfg.model.seq_length,
+                         micro_batch_size=train.micro_batch_size, forward_only=False)
+        built.optimizer.step()
+        built.scheduler.step(increment=train.global_batch_size)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def entry_part(steps: int, rounds: int) -> dict:
+    """The tiny VLM's stage-2 step through the entry point vs in process, each in a child process, the two
+    alternating ``rounds`` times (this box's speed drifts between minutes); the first tenth of each run's steps
+    is left out as warm-up. The ratio is the median of the rounds' entry / in-process medians."""
+    skip, entry, in_process = steps // 10, [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for round in range(rounds):
+            entry.append(statistics.median(entry_point_step_times(steps, Path(tmp) / f"entry{round}")[skip:]))
+            out = Path(tmp) / f"in_process{round}.json"
+            subprocess.run([sys.executable, __file__, "--in-process-step", str(steps), "--json", str(out)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            in_process.append(statistics.median(json.loads(out.read_text())[skip:]))
+    return {"case": f"tiny VLM stage-2 step, entry point vs in process ({rounds} x {steps} steps)",
+            "entry_point": statistics.median(entry), "in_process": statistics.median(in_process),
+            "ratio": statistics.median(e / i for e, i in zip(entry, in_process))}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--parts", nargs="+", default=["train", "decode"], choices=["train", "decode"])
+    parser.add_argument("--parts", nargs="+", default=["train", "decode", "entry"], choices=["train", "decode", "entry"])
+    parser.add_argument("--entry-steps", type=int, default=60)
+    parser.add_argument("--entry-rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--in-process-step", type=int, help=argparse.SUPPRESS)  # entry_part's child
     args = parser.parse_args()
+    if args.in_process_step:
+        compat.enable(entry_point=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            args.json.write_text(json.dumps(in_process_step_times(args.in_process_step, Path(tmp))))
+        return
     compat.enable(quiet=True)
     torch.set_num_threads(args.threads)
     peak = matmul_peak_flops()
@@ -190,6 +280,11 @@ def main():
                 print(f"{r['case']:<48} plugin {r['plugin_tokens_per_s']:8.0f} tok/s   transformers "
                       f"{r['transformers_tokens_per_s']:8.0f} tok/s   plugin/HF time {r['ratio']:.3f}   "
                       f"same greedy tokens {r['same_tokens']:.0%}", flush=True)
+    if "entry" in args.parts:
+        rows.append(entry_part(args.entry_steps, args.entry_rounds))
+        r = rows[-1]
+        print(f"{r['case']:<48} entry point {r['entry_point'] * 1e3:.1f} ms   in process {r['in_process'] * 1e3:.1f} ms   "
+              f"entry / in process {r['ratio']:.3f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=1))
 
