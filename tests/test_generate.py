@@ -66,7 +66,8 @@ def test_latent_cache_decoding_equals_full_recompute(model):
               inference_context=cache)
     attentions = [m for m in model.modules() if isinstance(m, PixelMLASelfAttention)]
     assert sorted(cache.layers) == sorted(m.layer_number for m in attentions) and attentions
-    assert all(latent.shape == (len(prompt.tokens), 1, model.config.kv_lora_rank) for latent, _ in cache.layers.values())
+    latent_and_rope_key = model.config.kv_lora_rank + model.config.qk_pos_emb_head_dim
+    assert all(entry.shape == (len(prompt.tokens), 1, latent_and_rope_key) for entry, in cache.layers.values())
 
 
 def test_absorbed_decoding_equals_re_expanding_the_cache(model, monkeypatch):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import megatron.core.transformer.multi_latent_attention as mcore_mla
 from megatron.core.inference.config import InferenceConfig
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
@@ -96,6 +97,8 @@ class _GivenTable(torch.nn.Module):
     def forward(self, seq_len: int, *args, **kwargs):
         if self.table is None:
             return self.base(seq_len, *args, **kwargs)
+        if not isinstance(self.base, YarnRotaryEmbedding):
+            return self.table
         out = self.base(1, *args, **{**kwargs, "packed_seq": True})  # for YaRN's mscale only: no CP cut of it
         return (self.table, out[1]) if isinstance(out, tuple) else self.table  # YaRN: with its mscale
 
@@ -110,16 +113,19 @@ class _GivenTable(torch.nn.Module):
 
 class LatentCache(BaseInferenceContext):
     """The decoding cache, given to the model as its ``inference_context``. For MLA, per layer and token only
-    the normalised KV latent c_kv [kv_lora_rank] and the rotated shared rope key [rope_dim]; decoding steps
-    attend over it in the absorbed form (``PixelMLASelfAttention._absorbed_decode``; Megatron caches MLA
-    latents only in its GPU dynamic engine). For grouped-query attention (``gqa.py``) each group's key and value and the key's rope rows.
-    Static batching: every row holds the same number of slots (padding is masked)."""
+    the normalised KV latent c_kv [kv_lora_rank] and the rotated shared rope key [rope_dim], side by side in one
+    tensor; decoding steps attend over it in the absorbed form (``PixelMLASelfAttention._absorbed_decode``;
+    Megatron caches MLA latents only in its GPU dynamic engine). For grouped-query attention (``gqa.py``) each
+    group's key and value and the key's rope rows. Static batching: every row holds the same number of slots
+    (padding is masked). Each layer's tensors grow inside buffers with room to spare (doubled when full), so a
+    step writes its own tokens instead of copying every held one."""
 
     def __init__(self):
         super().__init__(InferenceConfig(materialize_only_last_token_logits=False))
         self.sequence_len_offset = self.batch_size_offset = 0
         self.max_sequence_length = 0  # sizes GPTModel's own 0..s-1 table, which the given positions replace
-        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}  # what each layer holds: views of its buffers
+        self._buffers: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def is_static_batching(self) -> bool:
         return True
@@ -133,10 +139,19 @@ class LatentCache(BaseInferenceContext):
 
     def append(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Add this step's tensors ([new, b, ...] each) to the layer's; returns all of the layer's."""
-        if layer in self.layers:
-            tensors = tuple(torch.cat([old, new]) for old, new in zip(self.layers[layer], tensors))
-        self.layers[layer] = tensors
-        return tensors
+        held = self.layers[layer][0].shape[0] if layer in self.layers else 0
+        total = held + tensors[0].shape[0]
+        buffers = self._buffers.get(layer)
+        if buffers is None or buffers[0].shape[0] < total:
+            room = max(2 * total, 64)
+            grown = tuple(t.new_empty(room, *t.shape[1:]) for t in tensors)
+            for new, old in zip(grown, self.layers.get(layer, ())):
+                new[:held] = old
+            buffers = self._buffers[layer] = grown
+        for buffer, new in zip(buffers, tensors):
+            buffer[held:total] = new
+        self.layers[layer] = tuple(buffer[:total] for buffer in buffers)
+        return self.layers[layer]
 
 
 @dataclass
@@ -178,7 +193,8 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
             return query, key, value, q_compressed, kv_compressed
         # Cache this step's latents, then expand keys / values of all cached tokens from them.
         qk_dim, heads = self.config.qk_head_dim, self.num_attention_heads_per_partition
-        latent, rope_key = inputs.cache.append(self.layer_number, kv_compressed, key[:, :, 0, qk_dim:])
+        held, = inputs.cache.append(self.layer_number, torch.cat([kv_compressed, key[:, :, 0, qk_dim:]], dim=-1))
+        latent, rope_key = held.split([self.config.kv_lora_rank, self.config.qk_pos_emb_head_dim], dim=-1)
         kv, _ = self.linear_kv_up_proj(latent)
         kv = kv.view(*latent.shape[:2], heads, qk_dim + self.config.v_head_dim)
         key_nope, value = torch.split(kv, [qk_dim, self.config.v_head_dim], dim=-1)
@@ -189,24 +205,46 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         """A decoding step over the latent cache in DeepSeek's absorbed form: the key up-projection is folded
         into the query (q_nope W_uk per head) and the value up-projection applied after attention, so scores
         and outputs are computed against the cached latents instead of re-expanding every cached token's keys
-        and values through linear_kv_up_proj at each step. Same math as the expanded form (fp32: ~1e-7)."""
+        and values through linear_kv_up_proj at each step. Same math as the expanded form (fp32: ~1e-7).
+        The new tokens' query and latent are computed here from MLA's own projections and norms (1 process:
+        no tensor-parallel gathers), without the new token's key / value expansion the expanded form needs."""
         qk, rope, v = self.config.qk_head_dim, self.config.qk_pos_emb_head_dim, self.config.v_head_dim
         heads, rank = self.num_attention_heads_per_partition, self.config.kv_lora_rank
-        with self.rotary_pos_emb.given(rope_table):  # the new tokens' query and (normalised) latent
-            query, key, _, _, latent = super().get_query_key_value_tensors(hidden_states)
-        latent, rope_key = cache.append(self.layer_number, latent, key[:, :, 0, qk:])  # [S, b, rank], [S, b, rope]
+        new, batch = hidden_states.shape[:2]
+        if self.config.q_lora_rank is not None:
+            q_compressed, _ = self.linear_q_down_proj(hidden_states)
+            query, _ = self.linear_q_up_proj(self.q_layernorm(q_compressed))
+        else:
+            query, _ = self.linear_q_proj(hidden_states)
+        latent, rope_key = self.linear_kv_down_proj(hidden_states)[0].split([rank, rope], dim=-1)
+        q_nope, q_rope = query.view(new, batch, heads, qk + rope).split([qk, rope], dim=-1)
+        # the query's and the key's rope slices rotated in one call: [s, b, heads + 1, rope]
+        rotated = self._rotate(torch.cat([q_rope, rope_key.unsqueeze(2)], dim=2), rope_table)
+        entry = torch.cat([self.kv_layernorm(latent), rotated[:, :, heads]], dim=-1)  # [s, b, rank + rope]
+        held, = cache.append(self.layer_number, entry)  # [S, b, rank + rope]
         up_k, up_v = self.linear_kv_up_proj.weight.view(heads, qk + v, rank).split([qk, v], dim=1)
-        q_nope, q_rope = query.split([qk, rope], dim=-1)  # [s, b, heads, .]
-        q = torch.cat([torch.einsum("sbhd,hdc->bhsc", q_nope, up_k), q_rope.permute(1, 2, 0, 3)], dim=-1)
-        k = torch.cat([latent, rope_key], dim=-1).transpose(0, 1).unsqueeze(1)  # one key head for all heads
-        values = F.pad(latent.transpose(0, 1).unsqueeze(1), (0, rope))  # as wide as q / k: SDPA's fused kernels
-        new, keys = q.shape[2], k.shape[2]
+        # Every head attends to the one latent key: heads x new queries as one head (no per-head copies of the
+        # cache). The value is the key itself; its rope columns are dropped from the output.
+        q = torch.cat([torch.einsum("sbhd,hdc->bhsc", q_nope, up_k), rotated[:, :, :heads].permute(1, 2, 0, 3)],
+                      dim=-1).reshape(batch, 1, heads * new, rank + rope)
+        k = held.transpose(0, 1).unsqueeze(1)  # [b, 1, S, rank + rope]
+        keys = k.shape[2]
         visible = (~attention_mask.bool() if attention_mask is not None else  # Megatron: True = masked out
                    torch.ones(new, keys, dtype=torch.bool, device=q.device).tril(keys - new))
-        out = F.scaled_dot_product_attention(q, k, values, attn_mask=visible, scale=self.softmax_scale,
-                                             enable_gqa=True)[..., :rank]  # [b, heads, s, rank]
-        out = torch.einsum("bhsc,hdc->sbhd", out, up_v).reshape(new, -1, heads * v)
+        if new > 1:  # one new token's row broadcasts over the heads
+            visible = visible.expand(batch, 1, new, keys).repeat(1, 1, heads, 1)  # [b, 1, heads x new, S]
+        out = F.scaled_dot_product_attention(q, k, k, attn_mask=visible, scale=self.softmax_scale)[..., :rank]
+        out = torch.einsum("bhsc,hdc->sbhd", out.view(batch, heads, new, rank), up_v).reshape(new, batch, heads * v)
         return self.linear_proj(out)
+
+    def _rotate(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
+        """MLA's rope on the decoupled slices x [s, b, n, rope] (Megatron's apply_rotary_pos_emb, as its MLA
+        calls it, with YaRN's mscale)."""
+        with self.rotary_pos_emb.given(rope_table):
+            out = self.rotary_pos_emb(x.shape[0])
+        table, mscale = out if isinstance(out, tuple) else (out, 1.0)
+        return apply_rotary_pos_emb(x, table, config=self.config, mscale=mscale, cp_group=self.pg_collection.cp,
+                                    mla_rotary_interleaved=True)
 
     def _absorbable(self) -> bool:
         """The latent cache holds what linear_kv_up_proj reads: a plain linear after kv_layernorm (the local
