@@ -4,8 +4,9 @@
 
 Each check prints its figures as it finishes and one table at the end (also DIR/gpu_check.json). A check that
 fails prints its error and the rest still run; the exit status is 1 if any failed. With Transformer Engine
-installed the training check adds an FP8 run and the packing check runs TE's THD attention; TE-vs-local
-logits are not written yet (issue 18). ``--dry-run`` lists the checks and exits (CI runs it).
+installed the training check adds an FP8 run, the packing check runs TE's THD attention and the backend check
+compares TE's layers with the local ones on the same weights (without TE it says "skipped"). ``--dry-run``
+lists the checks and exits (CI runs it).
 """
 
 import argparse
@@ -52,10 +53,10 @@ def have_te() -> bool:
     return HAVE_TE
 
 
-def language_model(sizes: dict, seed: int = 7):
+def language_model(sizes: dict, seed: int = 7, use_te: bool = False):
     from nemo_pixellm.distributed import single_process_model
     model = single_process_model(
-        seed, **sizes, seq_length=4096, layernorm_epsilon=1e-6, rotary_base=10000, rope_type="rope",
+        seed, **sizes, use_te=use_te, seq_length=4096, layernorm_epsilon=1e-6, rotary_base=10000, rope_type="rope",
         moe_router_topk_scaling_factor=1.0, init_method_std=0.02, image_token_id=sizes["vocab_size"] - 1,
         vision_hidden_size=32, vision_num_layers=1, vision_num_attention_heads=2, vision_ffn_hidden_size=64,
         vision_image_size=56)
@@ -114,13 +115,29 @@ def cpu_reference() -> dict:
     return cpu_reference.value
 
 
-def tiny_on_device():
-    """The tiny model with the CPU reference's weights, on DEVICE, full fp32 (no TF32)."""
+def with_te_names(state: dict, model) -> dict:
+    """The local backend's language-model weights under ``model``'s (TE's) names: TE fuses each norm into the
+    linear after it, and the Hugging Face name map knows both spellings, so the weights go local -> HF -> TE."""
+    from nemo_pixellm.hf.deepseek_v3 import hf_to_megatron, megatron_to_hf
+
+    prefix = "language_model."
+    local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    names = [k for k in model.language_model.state_dict() if not k.endswith("_extra_state")]
+    return {prefix + k: v for k, v in hf_to_megatron(megatron_to_hf(local), names).items()}
+
+
+def tiny_on_device(use_te: bool = False):
+    """The tiny model with the CPU reference's weights, on DEVICE, full fp32 (no TF32). ``use_te``: Transformer
+    Engine's layers holding the same language-model weights (text-only checks: the vision tower is not loaded)."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    model = language_model(MODELS["tiny"])
-    missing = model.load_state_dict(cpu_reference()["state"], strict=False).missing_keys
-    if any(not key.endswith("_extra_state") for key in missing):
-        raise RuntimeError(f"the CPU reference lacks {missing}")
+    model = language_model(MODELS["tiny"], use_te=use_te)
+    state = cpu_reference()["state"]
+    if use_te:
+        state = with_te_names(state, model)
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    needed = [k for k in missing if not k.endswith("_extra_state") and (not use_te or k.startswith("language_model."))]
+    if needed:
+        raise RuntimeError(f"the CPU reference lacks {needed}")
     return model.to(DEVICE).eval()
 
 
@@ -134,6 +151,26 @@ def logits_cuda_vs_cpu():
     bf16 = gpu.to(torch.bfloat16)(ids, positions, attention_mask=None).float().cpu()
     return {"fp32_max_abs_diff": (got - want).abs().max().item(), "bf16_max_abs_diff": (bf16 - want).abs().max().item(),
             "max_abs_logit": want.abs().max().item(), "ok": (got - want).abs().max().item() <= 1e-4}
+
+
+@check("tiny language model, Transformer Engine layers = local layers on the same weights: logits fp32, then bf16")
+@torch.no_grad()
+def te_vs_local_logits(use_te: bool | None = None):
+    use_te = have_te() if use_te is None else use_te  # False only to try the check's own code without TE
+    if use_te is False and DEVICE == "cuda":
+        return {"skipped": "Transformer Engine is not installed"}
+    ids, positions = token_batch(MODELS["tiny"]["vocab_size"], 4, 256, DEVICE)
+    local, te = tiny_on_device(), tiny_on_device(use_te=use_te)
+    want, got = local(ids, positions, attention_mask=None).cpu(), te(ids, positions, attention_mask=None).cpu()
+    local16, te16 = local.to(torch.bfloat16), te.to(torch.bfloat16)
+    want16 = local16(ids, positions, attention_mask=None).float().cpu()
+    got16 = te16(ids, positions, attention_mask=None).float().cpu()
+    out = {"fp32_max_abs_diff": (got - want).abs().max().item(),
+           "bf16_max_abs_diff": (got16 - want16).abs().max().item(),  # both backends in bf16
+           "te_bf16_vs_fp32_max_abs_diff": (got16 - want).abs().max().item()}
+    out["max_abs_logit"] = want.abs().max().item()
+    out["ok"] = out["fp32_max_abs_diff"] <= 1e-4
+    return out
 
 
 @check("20 steps of stage 2 (tiny) on CPU fp32, GPU fp32, GPU bf16 (and FP8 with TE), same initial weights: losses")
@@ -193,7 +230,7 @@ def packed_thd():
     from nemo_pixellm.data.dataset import packed_segments
     from packing_memory import packed_row, sample_lengths
 
-    model, vocab = tiny_on_device(), MODELS["tiny"]["vocab_size"]
+    model, vocab = tiny_on_device(use_te=have_te()), MODELS["tiny"]["vocab_size"]
     lengths = sample_lengths(4096, 16)
     ids, _ = token_batch(vocab, 1, 4096, DEVICE)
     segments, positions = packed_row(lengths)
@@ -291,6 +328,8 @@ def main() -> int:
             results[name] = {"status": "ok", **fn()}
             if results[name].get("ok") is False:
                 results[name]["status"] = "FAILED"
+            elif "skipped" in results[name]:
+                results[name]["status"] = "skipped"
         except Exception as error:  # one broken check must not hide the others' figures
             traceback.print_exc()
             results[name] = {"status": "FAILED", "error": f"{type(error).__name__}: {str(error)[:2000]}"}
