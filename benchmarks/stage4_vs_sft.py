@@ -60,6 +60,23 @@ def heldout_preference_accuracy(stdout: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+def heldout_questions(checkpoint: Path) -> Path:
+    """The held-out VQA split of the chain's stage 3: every arm is asked these (an arm trained on other data,
+    e.g. DPO on model-made pairs with their own held-out pairs, records that data in its checkpoint instead)."""
+    from nemo_pixellm import compat
+
+    compat.enable(quiet=True)  # before Megatron-Bridge loads
+    from megatron.bridge.training.checkpointing import get_checkpoint_run_config_filename, read_run_config
+    from megatron.bridge.utils.instantiate_utils import instantiate
+
+    import nemo_pixellm.models.provider  # noqa: F401  (lets Bridge instantiate nemo_pixellm classes)
+    from nemo_pixellm.data import sources
+    from nemo_pixellm.training.checkpoints import iteration_dir
+
+    run_config = read_run_config(get_checkpoint_run_config_filename(str(iteration_dir(checkpoint))))
+    return sources.data_paths(instantiate(run_config["dataset"]))[1]
+
+
 def largest_drop(vqa: dict, base: dict) -> tuple[float, str]:
     """(largest loss of exact match on any question type, that type) against ``base``."""
     return max((base[t]["accuracy"] - vqa[t]["accuracy"], t) for t in TYPES if t in vqa and t in base)
@@ -87,15 +104,16 @@ def main() -> None:
         sys.exit(f"no stage-3 checkpoint at {start}: run benchmarks/stage_chain.py --root {args.chain} first")
     root = args.root or args.chain / "stage4_vs_sft"
 
+    questions = f"data={heldout_questions(start)}"
     start_report = root / f"start-{args.samples}.json"  # the start's evaluation, made once per --root
     if not start_report.exists():
         start_report.parent.mkdir(parents=True, exist_ok=True)
-        start_report.write_text(json.dumps(evaluate(start, args.samples, "ema=false")["vqa"]))
+        start_report.write_text(json.dumps(evaluate(start, args.samples, "ema=false", questions)["vqa"]))
     reports = {"start (stage-3 raw weights)": json.loads(start_report.read_text())}
     notes = {}
     for arm in args.arms:
         checkpoint, seconds, stdout = train_arm(arm, start, root, args.minutes, getattr(args, arm))
-        reports[arm] = evaluate(checkpoint, args.samples, "ema=false")["vqa"]
+        reports[arm] = evaluate(checkpoint, args.samples, "ema=false", questions)["vqa"]
         notes[arm] = {"seconds": round(seconds), "steps": steps_done(root / arm)}
         if arm == "dpo":
             notes[arm]["heldout_preference_accuracy"] = heldout_preference_accuracy(stdout)

@@ -64,12 +64,20 @@ def load(checkpoint: str):
     return model, data_config, directory
 
 
-def question_jobs(questions, samples: int) -> list[tuple[int, int, dict]]:
+class NoQuestions(ValueError):
+    pass
+
+
+def question_jobs(questions, samples: int, where: str = "the shards") -> list[tuple[int, int, dict]]:
     """(record, sample index, qa) for every question of the first ``samples`` records of a vqa ShardSamples
     (its sample ``q * len + record`` asks question q of the record)."""
     jobs = []
     for record in range(min(samples, len(questions))):
-        for number, qa in enumerate(json.loads(questions.reader[record]["json"])["qa"]):
+        fields = json.loads(questions.reader[record]["json"])
+        if "qa" not in fields:  # e.g. a DPO run's held-out split: preference pairs, no questions
+            raise NoQuestions(f"{where}: record {record} has no \"qa\" questions (its keys: {sorted(fields)[:6]}); "
+                              "give data=<VQA shards> (the synthetic held-out split, or data_prep.vqa output)")
+        for number, qa in enumerate(fields["qa"]):
             jobs.append((record, number * len(questions) + record, qa))
     return jobs
 
@@ -81,7 +89,8 @@ def ask_questions(model, data_config, tokenizer, args: EvalArgs) -> list[dict]:
     heldout = args.data or sources.data_paths(data_config)[1]
     questions = ShardSamples(heldout, tokenizer, "vqa", data_config.patch_size, data_config.downsample,
                              data_config.max_tiles, key="data" if args.data else "dataset.path")
-    jobs = question_jobs(questions, args.samples)
+    where = f"data={heldout}" if args.data else f"the checkpoint's held-out data {heldout}"
+    jobs = question_jobs(questions, args.samples, where)
     results = []
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
@@ -162,7 +171,10 @@ def parse_args(schema, argv, required=("checkpoint",)):
 
 
 def main(argv=None) -> None:
-    report = evaluate(parse_args(EvalArgs, sys.argv[1:] if argv is None else argv))
+    try:
+        report = evaluate(parse_args(EvalArgs, sys.argv[1:] if argv is None else argv))
+    except NoQuestions as error:
+        sys.exit(f"error: {error}")
     print(json.dumps(report))
     print(f"{'type':10s} {'n':>5s} {'accuracy':>9s} {'chance':>7s}")
     for kind, row in report["vqa"].items():

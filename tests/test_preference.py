@@ -348,3 +348,7 @@ def test_dpo_pairs_from_the_model_s_own_answers(trained_checkpoint, cache_dir, t
     with pytest.raises(SystemExit):  # an output directory that holds something is left alone
         main([f"checkpoint={trained_checkpoint}", f"out={tmp_path / 'pairs'}"])
     assert len(ShardReader(tmp_path / "pairs")) == len(metas)
+    # evaluate asks questions: pairs as its data (a DPO run's held-out split) are refused naming the way out
+    from nemo_pixellm.evaluate import NoQuestions, question_jobs
+    with pytest.raises(NoQuestions, match='record 0 has no "qa" questions .*give data=<VQA shards>'):
+        question_jobs(ShardSamples(tmp_path / "pairs", tokenizer, "vqa", max_tiles=4), 3, "data=pairs")
