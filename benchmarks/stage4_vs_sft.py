@@ -63,18 +63,11 @@ def heldout_preference_accuracy(stdout: str) -> float | None:
 def heldout_questions(checkpoint: Path) -> Path:
     """The held-out VQA split of the chain's stage 3: every arm is asked these (an arm trained on other data,
     e.g. DPO on model-made pairs with their own held-out pairs, records that data in its checkpoint instead)."""
-    from nemo_pixellm import compat
-
-    compat.enable(quiet=True)  # before Megatron-Bridge loads
-    from megatron.bridge.training.checkpointing import get_checkpoint_run_config_filename, read_run_config
-    from megatron.bridge.utils.instantiate_utils import instantiate
-
-    import nemo_pixellm.models.provider  # noqa: F401  (lets Bridge instantiate nemo_pixellm classes)
     from nemo_pixellm.data import sources
+    from nemo_pixellm.evaluate import saved_data_config  # (enables the plugin's compatibility layer first)
     from nemo_pixellm.training.checkpoints import iteration_dir
 
-    run_config = read_run_config(get_checkpoint_run_config_filename(str(iteration_dir(checkpoint))))
-    return sources.data_paths(instantiate(run_config["dataset"]))[1]
+    return sources.data_paths(saved_data_config(iteration_dir(checkpoint)))[1]
 
 
 def largest_drop(vqa: dict, base: dict) -> tuple[float, str]:

@@ -173,11 +173,18 @@ def decode_part(name: str, batch: int, repeats: int, prompt: int = 32, new: int 
 ENTRY_OVERRIDES = ["+stage=stage2", "validation.eval_interval=null", "logger.log_interval=10"]
 
 
+def run_child(command: list[str]) -> None:
+    """Runs one side of the entry-point comparison; a failure shows the end of its output."""
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited {out.returncode}:\n{out.stderr[-3000:]}")
+
+
 def entry_point_step_times(steps: int, run_dir: Path) -> list[float]:
     """Seconds per training step of ``python -m nemo_pixellm.train``, from the times metrics.jsonl records."""
     command = [sys.executable, "-m", "nemo_pixellm.train", *ENTRY_OVERRIDES, f"train.train_iters={steps}",
                f"run_dir={run_dir}"]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_child(command)
     times = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [b - a for a, b in zip(times, times[1:])]
 
@@ -237,8 +244,7 @@ def entry_part(steps: int, rounds: int) -> dict:
         for round in range(rounds):
             entry.append(statistics.median(entry_point_step_times(steps, Path(tmp) / f"entry{round}")[skip:]))
             out = Path(tmp) / f"in_process{round}.json"
-            subprocess.run([sys.executable, __file__, "--in-process-step", str(steps), "--json", str(out)],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run_child([sys.executable, __file__, "--in-process-step", str(steps), "--json", str(out)])
             in_process.append(statistics.median(json.loads(out.read_text())[skip:]))
     return {"case": f"tiny VLM stage-2 step, entry point vs in process ({rounds} x {steps} steps)",
             "entry_point": statistics.median(entry), "in_process": statistics.median(in_process),

@@ -46,11 +46,19 @@ class EvalArgs:
     data: str | None = None  # VQA shards to ask instead of the checkpoint's held-out split
 
 
+def saved_data_config(directory):
+    """The PixelLMDataConfig a checkpoint (an iteration directory) was trained with: its run config's dataset."""
+    from megatron.bridge.training.checkpointing import get_checkpoint_run_config_filename, read_run_config
+    from megatron.bridge.utils.instantiate_utils import instantiate
+
+    import nemo_pixellm.models.provider  # noqa: F401  (lets Bridge instantiate nemo_pixellm classes)
+
+    return instantiate(read_run_config(get_checkpoint_run_config_filename(str(directory)))["dataset"])
+
+
 def load(checkpoint: str):
     """(model in eval mode, its PixelLMDataConfig) from a Bridge checkpoint written by nemo_pixellm.train."""
-    from megatron.bridge.training.checkpointing import get_checkpoint_run_config_filename, read_run_config
     from megatron.bridge.training.model_load_save import load_megatron_model
-    from megatron.bridge.utils.instantiate_utils import instantiate
 
     import nemo_pixellm.models.provider  # noqa: F401  (lets Bridge instantiate the provider)
 
@@ -60,8 +68,7 @@ def load(checkpoint: str):
     single_process_groups()  # the model keeps these groups (Bridge's temporary context would tear its own down)
     model = load_megatron_model(str(directory), use_cpu_init=True, skip_temp_dist_context=True)
     model = (model[0] if isinstance(model, list) else model).eval()
-    data_config = instantiate(read_run_config(get_checkpoint_run_config_filename(str(directory)))["dataset"])
-    return model, data_config, directory
+    return model, saved_data_config(directory), directory
 
 
 class NoQuestions(ValueError):
