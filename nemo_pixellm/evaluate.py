@@ -1,6 +1,7 @@
 """Held-out evaluation of a checkpoint: VQA accuracy per question type, caption loss/perplexity.
 
     python -m nemo_pixellm.evaluate checkpoint=<checkpoint.save dir> [samples=200] [blind=true] [ema=false]
+        [answers=<file>: every question, the answer given and its score, as JSON lines]
         [data=<shards of data_prep.vqa>] [max_new_tokens=6]
 
 The model and its data config come from the checkpoint (Bridge's loader and run config); questions come
@@ -44,6 +45,7 @@ class EvalArgs:
     top_p: float = 1.0
     use_cache: bool = True  # MLA latent KV cache (1 process); false reruns the sequence per token
     data: str | None = None  # VQA shards to ask instead of the checkpoint's held-out split
+    answers: str | None = None  # a file to write every question, answer and score to (JSON lines)
 
 
 def saved_data_config(directory):
@@ -157,6 +159,8 @@ def evaluate(args: EvalArgs) -> dict:
     ema_used = load_ema_into(model, directory) if args.ema else False
     tokenizer = sources.load_tokenizer(data_config)
     results = ask_questions(model, data_config, tokenizer, args)
+    if args.answers:
+        Path(args.answers).write_text("".join(json.dumps(r) + "\n" for r in results))
     report = {"checkpoint": str(directory), "data": args.data, "blind": args.blind, "ema": ema_used,
               "vqa": summarize(results)}
     if args.data is None:  # real VQA shards have no captions

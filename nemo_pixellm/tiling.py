@@ -150,6 +150,30 @@ def pixel_unshuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
     return features.permute(0, 1, 3, 2, 4, 5).reshape(n, h // factor, w // factor, factor * factor * c)
 
 
+def view_position_code(rows: int, cols: int, hidden: int, dtype=torch.float32) -> torch.Tensor:
+    """[rows, cols, hidden]: a fixed 2D sin-cos code of each token's place in its view (MAE's 2D code on the
+    token's centre as a fraction of the view, so one code serves every view size). A quarter of the channels
+    each: sin / cos of the row, sin / cos of the column, at frequencies pi .. 64 pi (left vs right is the
+    slowest one's sign); channels left over when hidden is not a multiple of 4 are zero."""
+    n = hidden // 4
+    freqs = math.pi * 64.0 ** (torch.arange(n, dtype=torch.float64) / max(n - 1, 1))
+    y = ((torch.arange(rows, dtype=torch.float64) + 0.5) / rows)[:, None] * freqs  # [rows, n]
+    x = ((torch.arange(cols, dtype=torch.float64) + 0.5) / cols)[:, None] * freqs  # [cols, n]
+    code = torch.zeros(rows, cols, hidden, dtype=torch.float64)
+    code[..., :n], code[..., n:2 * n] = y.sin()[:, None], y.cos()[:, None]
+    code[..., 2 * n:3 * n], code[..., 3 * n:4 * n] = x.sin()[None], x.cos()[None]
+    return code.to(dtype)
+
+
+def with_position_code(views: torch.Tensor) -> torch.Tensor:
+    """Projected views [v, rows, cols, hidden] plus each token's ``view_position_code`` at the token's own scale
+    (its RMS, not differentiated): the place stays as loud as the features whatever scale the projector drifts to
+    (a unit-amplitude code was a tenth of the tokens' norm, which grows 3x in stage 1)."""
+    _, rows, cols, hidden = views.shape
+    scale = views.detach().pow(2).mean(-1, keepdim=True).sqrt()
+    return views + view_position_code(rows, cols, hidden, views.dtype).to(views.device) * scale
+
+
 def image_token_sequence(views: torch.Tensor, grids: torch.Tensor, newline: torch.Tensor,
                          separator: torch.Tensor) -> torch.Tensor:
     """Projected views [v, s, s, hidden] -> the images' tokens in sequence order [tokens, hidden] (the layout at

@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> None:
     if ema is not None:
         callbacks.append(ema)
     if cfg.vqa_eval.interval:
-        callbacks.append(VQAEvalCallback(cfg.vqa_eval.interval, cfg.vqa_eval.samples, ema))
+        callbacks.append(VQAEvalCallback(cfg.vqa_eval.interval, cfg.vqa_eval.samples, ema, cfg.run_dir))
     try:
         pretrain(container, forward_step, callbacks=callbacks)
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException

@@ -150,6 +150,9 @@ def test_ema_follows_its_formula_and_survives_resume(cache_dir, tmp_path):
 
     events = EventAccumulator(str(tmp_path / "ra" / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("vqa/all")] == [3]
+    # ... and in run_dir/vqa.jsonl, the curve benchmarks/stage_chain.py plots: the same figures.
+    (curve,) = [json.loads(line) for line in (tmp_path / "ra" / "vqa.jsonl").read_text().splitlines()]
+    assert curve["step"] == 3 and curve["vqa"]["all"]["accuracy"] == pytest.approx(events.Scalars("vqa/all")[0].value)
     ema_at = {t: ema_tensors(tmp_path / "a" / f"iter_{t:07d}", tmp_path) for t in (1, 2, 3)}
     weights = checkpoint_tensors(tmp_path / "a", tmp_path)  # step 3
     names = [n for n in ema_at[3] if n.startswith("projector.")]

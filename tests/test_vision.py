@@ -152,6 +152,48 @@ def test_projector_lays_out_global_separator_and_mosaic(vision_model):
     torch.testing.assert_close(out, torch.stack(expected), rtol=0, atol=0)
 
 
+def test_position_code_carries_every_token_s_place_whatever_the_tower_gives(vision_model):
+    """Issue 20: a linear probe reads each token's row and column from the projector output on views it was not
+    fitted on, at chance without the code when the tower's features hold no place (noise here), exactly with it."""
+    projector = vision_model.projector
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(120, 8, 8, 32, generator=g)  # 4x4 tokens per view, no place in the features
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    labels = (rows.reshape(-1).repeat(120), cols.reshape(-1).repeat(120))
+
+    def probe_accuracy(tokens: torch.Tensor, y: torch.Tensor) -> float:
+        x = tokens.reshape(-1, tokens.shape[-1])
+        x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+        train, test = slice(0, 80 * 16), slice(80 * 16, None)
+        probe = torch.nn.Linear(x.shape[1], 4)
+        optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(probe(x[train]), y[train]) + 1e-3 * probe.weight.square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return (probe(x[test]).argmax(-1) == y[test]).float().mean().item()
+
+    was = projector.position_code
+    try:
+        accuracy = {}
+        for on in (False, True):
+            projector.position_code = on
+            with torch.no_grad():
+                tokens = projector.project(features)
+            accuracy[on] = [probe_accuracy(tokens.detach(), y) for y in labels]
+    finally:
+        projector.position_code = was
+    assert max(accuracy[False]) < 0.4, accuracy  # chance is 0.25
+    assert min(accuracy[True]) == 1.0, accuracy
+    code = tiling.view_position_code(4, 4, 64)
+    assert (code[:, :2, 48] > 0).all() and (code[:, 2:, 48] < 0).all()  # the slowest column cosine: left vs right
+    assert (code[:2, :, 16] > 0).all() and (code[2:, :, 16] < 0).all()  # the slowest row cosine: top vs bottom
+
+
 def reference_tokens_small(cols: int, rows: int, s: int) -> int:
     return s * (s + 1) + 1 + rows * s * (cols * s + 1)
 

@@ -33,7 +33,7 @@ class PixelLMDataConfig(DatasetProvider):
     synthetic_prompt_samples: int = 4000
     seed: int = 1234
     tokenizer_path: str | None = None
-    tokenizer_vocab_size: int = 512
+    tokenizer_vocab_size: int = 768
     max_bad_fraction: float = 0.01  # bad records (skipped and counted) above this share of those read stop the run
     generations: int = 0  # stage-4 GRPO: sequences are answers, drawn in groups of this many per question
     question_types: list | None = None  # stage-4 GRPO: ask only questions of these qa types (None: all)

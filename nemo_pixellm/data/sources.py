@@ -12,10 +12,11 @@ from filelock import FileLock
 from nemo_pixellm.data.dataset import TrainingSequences
 from nemo_pixellm.data.samples import ShardSamples
 from nemo_pixellm.data.shards import MANIFEST, write_shards
-from nemo_pixellm.data.synthetic import render_scene, scene_record
+from nemo_pixellm.data.synthetic import COLOURS, NUMBER_WORDS, SHAPES, WORDS, render_scene, scene_record
 from nemo_pixellm.data.tokenizer import PixelTokenizer, train_bpe
 
-SYNTHETIC_VERSION = 2  # bump when the generator's output changes, so caches rebuild
+SYNTHETIC_VERSION = 4  # bump when the generator's output changes, so caches rebuild (3 was used by an experiment)
+OCR_WORD_WEIGHT = 50  # copies of each answer word in the BPE corpus: with 768 tokens every one is merged whole (512 runs out)
 
 
 def default_cache_dir() -> Path:
@@ -80,6 +81,10 @@ def ensure_tokenizer(cache_dir, vocab_size: int, seed: int) -> PixelTokenizer:
             texts.append(scene.caption)
             texts.extend(f" {qa['q']} {qa['a']}" for qa in scene.qa)
             texts.extend(" " + turn["value"].replace("<image>", "") for turn in scene.conversations)
+        # Every word an OCR image may show becomes one token (an answer the model gives in one step), as do
+        # the other answer words: counts, colours, shapes (BPE merges the most frequent pairs first).
+        answers = [*WORDS, *NUMBER_WORDS, *COLOURS, *SHAPES]
+        texts.extend(f" {word}" for word in answers for _ in range(OCR_WORD_WEIGHT))
         train_bpe(texts, vocab_size, path)
 
     build_once(path, path, build)

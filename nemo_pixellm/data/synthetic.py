@@ -2,8 +2,10 @@
 
 Three kinds of sample, each with a caption, question/answer pairs and a multi-turn conversation:
 - "scene": 1-3 groups of coloured shapes in a 4x4 grid: counts, colours, positions (left/right,
-  top/bottom) and relations ("what is to the left of the red circle?", CLEVR's half-plane sense).
-- "ocr": one or two short words or numbers in a large font.
+  top/bottom; the caption names each lone shape's quarter) and relations ("what is to the left of the red
+  circle?", CLEVR's half-plane sense).
+- "ocr": one or two short words in a large font (words the tiny BPE holds as single tokens, see
+  ``sources.ensure_tokenizer``: an answer is one token; three-digit numbers at 112 px were never read).
 - "chart": a bar chart with lettered bars: bar values, tallest / shortest bar, bar colours.
 Each answer is one or two words, so exact match is a meaningful accuracy and a verifiable reward.
 Question types: count, colour, position, relation, ocr, chart.
@@ -131,7 +133,12 @@ def _shapes(rng: random.Random, width: int, height: int):
             _draw_shape(draw, shape, box, COLOURS[colour])
             objects.append({"shape": shape, "colour": colour, "row": row, "col": col, "single": count == 1})
 
-    parts = [f"{NUMBER_WORDS[n]} {c} {_plural(s, n)}" for s, c, n in zip(kinds, colours, counts)]
+    def place(shape: str) -> str:  # a lone shape's place: writing it needs the shape token's own position
+        lone = next(o for o in objects if o["shape"] == shape)
+        return f" at the {'top' if lone['row'] < 2 else 'bottom'} {'left' if lone['col'] < 2 else 'right'}"
+
+    parts = [f"{NUMBER_WORDS[n]} {c} {_plural(s, n)}" + (place(s) if n == 1 else "")
+             for s, c, n in zip(kinds, colours, counts)]
     caption = f"{_join(parts)} on a {background} background."
     qa = [{"type": "count", "q": "How many shapes are there?", "a": NUMBER_WORDS[len(objects)]}]
     for shape, colour, count in zip(kinds, colours, counts):
@@ -140,10 +147,13 @@ def _shapes(rng: random.Random, width: int, height: int):
         qa.append({"type": "colour", "q": f"What colour {verb} the {noun}?", "a": colour})
     for ref in (o for o in objects if o["single"]):
         name = f"{ref['colour']} {ref['shape']}"
-        qa.append({"type": "position", "q": f"Is the {name} on the left or the right?",
-                   "a": "left" if ref["col"] < 2 else "right"})
-        qa.append({"type": "position", "q": f"Is the {name} at the top or the bottom?",
-                   "a": "top" if ref["row"] < 2 else "bottom"})
+        # Two phrasings: the object in mid-question, or last as in the colour and relation questions (a 2-layer
+        # decoder fetched the object's name only from the end of a question: position answers ignored the image).
+        object_last = rng.random() < 0.5
+        qa.append({"type": "position", "q": f"Left or right: where is the {name}?" if object_last else
+                   f"Is the {name} on the left or the right?", "a": "left" if ref["col"] < 2 else "right"})
+        qa.append({"type": "position", "q": f"Top or bottom: where is the {name}?" if object_last else
+                   f"Is the {name} at the top or the bottom?", "a": "top" if ref["row"] < 2 else "bottom"})
         for phrase, holds in RELATIONS:
             others = [o for o in objects if o is not ref and holds(o, ref)]
             if len(others) == 1:
@@ -153,31 +163,28 @@ def _shapes(rng: random.Random, width: int, height: int):
 
 
 def _ocr(rng: random.Random, width: int, height: int):
-    """One or two lines (top and bottom half), each a word or a number, in different colours."""
+    """One or two words (top and bottom half), in different colours, the ink 60-90% of the line's height."""
     background = rng.choice(["white", "black"])
     image, draw = _canvas(background, width, height)
     n_lines = rng.choice([1, 2])
-    texts = [rng.choice(WORDS) if rng.random() < 0.7 else str(rng.randint(0, 999)) for _ in range(n_lines)]
+    texts = rng.sample(WORDS, n_lines)
     colours = rng.sample(_foreground(background), n_lines)
     band_h = height / n_lines
     for line, (text, colour) in enumerate(zip(texts, colours)):
-        font = _fit_font(text, 0.9 * width, band_h * (0.45 + 0.3 * rng.random()))
+        font = _fit_font(text, 0.95 * width, band_h * (0.6 + 0.3 * rng.random()))
         text_w, text_h = _text_size(text, font)
         x = (width - text_w) * rng.random()
         y = line * band_h + 1 + max(band_h - text_h - 2, 0) * rng.random()
         _draw_text(draw, (x, y), text, font, COLOURS[colour])
 
-    def what(text):
-        return f'the {"number" if text.isdigit() else "word"} "{text}"'
-
     lines = NUMBER_WORDS[n_lines]
     qa = [{"type": "count", "q": "How many lines of text are there?", "a": lines}]
     if n_lines == 1:
-        caption = f"{what(texts[0])} written in {colours[0]} on a {background} background."
+        caption = f'the word "{texts[0]}" written in {colours[0]} on a {background} background.'
         qa += [{"type": "ocr", "q": "What does the text say?", "a": texts[0]},
                {"type": "colour", "q": "What colour is the text?", "a": colours[0]}]
     else:
-        caption = (f"{what(texts[0])} in {colours[0]} above {what(texts[1])} in {colours[1]}, "
+        caption = (f'the word "{texts[0]}" in {colours[0]} above the word "{texts[1]}" in {colours[1]}, '
                    f"on a {background} background.")
         for where, text, colour in zip(("top", "bottom"), texts, colours):
             qa += [{"type": "ocr", "q": f"What is written at the {where}?", "a": text},
@@ -274,6 +281,6 @@ def distractor(qa: dict, rng: random.Random) -> str:
         choices = list(NUMBER_WORDS[1:])
     elif kind == "chart":
         choices = list(CHART_LABELS) if answer in CHART_LABELS else [str(v) for v in range(1, 11)]
-    else:  # ocr: a word or a number
-        choices = list(WORDS) + [str(rng.randint(0, 999))]
+    else:  # ocr: another word
+        choices = list(WORDS)
     return rng.choice([c for c in choices if c != answer])

@@ -44,8 +44,9 @@ class PixelLMConfig(PretrainedConfig):
 
     def __init__(self, text_config=None, vision_config=None, image_token_id: int = 0, patch_size: int = 14,
                  downsample: int = 2, mrope_section: list[int] | None = None, projector_ffn_hidden_size: int = 0,
-                 image_size: int = tiling.TILE, max_tiles: int = 0, **kwargs):
+                 image_size: int = tiling.TILE, max_tiles: int = 0, image_position_code: bool = False, **kwargs):
         self.image_token_id, self.patch_size, self.downsample = image_token_id, patch_size, downsample
+        self.image_position_code = image_position_code
         self.mrope_section = list(mrope_section or [])
         self.projector_ffn_hidden_size = projector_ffn_hidden_size
         self.image_size, self.max_tiles = image_size, max_tiles
@@ -84,7 +85,7 @@ class PixelLMProjector(torch.nn.Module):
     def __init__(self, config: PixelLMConfig):
         super().__init__()
         width, hidden = config.vision_config.hidden_size * config.downsample ** 2, config.text_config.hidden_size
-        self.downsample = config.downsample
+        self.downsample, self.position_code = config.downsample, config.image_position_code
         self.mlp = torch.nn.Module()  # Megatron's MultimodalProjector("mlp") keeps its MLP as .encoder
         self.mlp.encoder = torch.nn.Module()
         self.mlp.encoder.linear_fc1 = torch.nn.Linear(width, config.projector_ffn_hidden_size or hidden)
@@ -96,6 +97,8 @@ class PixelLMProjector(torch.nn.Module):
         grid = tiling.pixel_unshuffle(features, self.downsample)
         mlp = self.mlp.encoder
         views = mlp.linear_fc2(torch.nn.functional.gelu(mlp.linear_fc1(grid)))
+        if self.position_code:
+            views = tiling.with_position_code(views)
         return tiling.image_token_sequence(views, grids, self.image_newline, self.view_separator)
 
 
@@ -128,7 +131,8 @@ class PixelLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             text_config=language_model.config, vision_config=vision_tower.config,
             image_token_id=joins["image_token_id"], patch_size=joins["patch_size"], downsample=joins["downsample"],
             mrope_section=joins.get("mrope_section"), projector_ffn_hidden_size=projector["mlp.encoder.linear_fc1.weight"].shape[0],
-            image_size=joins.get("image_size", vision_tower.config.image_size), max_tiles=joins.get("max_tiles", 0))
+            image_size=joins.get("image_size", vision_tower.config.image_size), max_tiles=joins.get("max_tiles", 0),
+            image_position_code=joins.get("image_position_code", False))
         model = cls(config, language_model=language_model, vision_tower=vision_tower)
         model.projector.load_state_dict(projector)  # strict: every tensor present, none left over
         model.projector.to(dtype)

@@ -28,6 +28,7 @@ class PixelLMModel(MegatronModule):
         patch_size: int,
         base_image_size: int,
         downsample: int,
+        image_position_code: bool = False,
         pre_process: bool = True,
         post_process: bool = True,
         pg_collection=None,
@@ -42,7 +43,7 @@ class PixelLMModel(MegatronModule):
         if pre_process:
             self.vision_model = VisionTower(vision_config, patch_size, base_image_size, pg_collection=pg_collection)
             self.projector = PixelProjector(
-                projector_config, vision_config.hidden_size, downsample, pg_collection=pg_collection
+                projector_config, vision_config.hidden_size, downsample, image_position_code, pg_collection=pg_collection
             )
             # Whole-sequence text embeddings (images go in before the sequence-parallel scatter).
             embedding = language_model.embedding

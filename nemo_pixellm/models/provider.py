@@ -85,6 +85,7 @@ class PixelLMProvider(MLAModelProvider):
     # Projector: pixel-unshuffle factor and MLP width (None = LM hidden size).
     projector_downsample: int = 2
     projector_ffn_hidden_size: int | None = None
+    image_position_code: bool = False  # a fixed 2D code of each image token's place (models/projector.py)
 
     # LLaMA 4's chunked local attention on the RoPE layers (NoPE layers: Megatron's no_rope_freq) attend only
     # within chunks of this many tokens; Megatron has no chunked attention (local backend, models/core_attention.py)
@@ -169,6 +170,7 @@ class PixelLMProvider(MLAModelProvider):
             patch_size=self.vision_patch_size,
             base_image_size=self.vision_image_size,
             downsample=self.projector_downsample,
+            image_position_code=self.image_position_code,
             pre_process=language_model.pre_process,
             post_process=language_model.post_process,
             pg_collection=compat.process_groups(self),

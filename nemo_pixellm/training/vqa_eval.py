@@ -1,8 +1,11 @@
 """Held-out VQA accuracy during training (the same questions and decoding as ``nemo_pixellm.evaluate``),
-every ``vqa_eval.interval`` steps: printed and written to TensorBoard as ``vqa/<type>``. With EMA on, the
-EMA weights are evaluated (swapped in for the evaluation, then swapped back)."""
+every ``vqa_eval.interval`` steps: printed, written to TensorBoard as ``vqa/<type>`` and appended to
+``<run_dir>/vqa.jsonl`` ({"step", "vqa": {type: {"accuracy", "n"}}}: the curves benchmarks/stage_chain.py plots).
+With EMA on, the EMA weights are evaluated (swapped in for the evaluation, then swapped back)."""
 
 import contextlib
+import json
+from pathlib import Path
 
 import torch
 from megatron.bridge.training.callbacks import Callback
@@ -15,8 +18,9 @@ from nemo_pixellm.training.run_state import finished_step
 
 
 class VQAEvalCallback(Callback):
-    def __init__(self, interval: int, samples: int, ema=None):
+    def __init__(self, interval: int, samples: int, ema=None, run_dir: str | None = None):
         self.interval, self.args, self.ema = interval, EvalArgs(samples=samples), ema
+        self.curve_file = Path(run_dir) / "vqa.jsonl" if run_dir else None
 
     @contextlib.contextmanager
     def _ema_weights(self, model_chunks):
@@ -53,6 +57,10 @@ class VQAEvalCallback(Callback):
         if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
             per_type = " ".join(f"{k} {v['accuracy']:.1%}" for k, v in summary.items())
             print(f"[pixellm] step {step}: held-out VQA accuracy {per_type}", flush=True)
+            if self.curve_file is not None:
+                self.curve_file.parent.mkdir(parents=True, exist_ok=True)
+                with self.curve_file.open("a") as f:
+                    f.write(json.dumps({"step": step, "vqa": summary}) + "\n")
             writer = context.state.tensorboard_logger
             if writer is not None:
                 for kind, row in summary.items():
