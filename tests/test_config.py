@@ -51,6 +51,23 @@ def test_tiny_default_builds_a_bridge_container():
     assert container.dataset.task == "caption"
 
 
+def test_a_run_names_the_synthetic_bpe_it_learned(cache_dir, monkeypatch):
+    """The saved config names the exact BPE file, so a checkpoint keeps its tokenizer after the generator's next
+    version trains another one (before, a checkpoint silently decoded with the newer BPE)."""
+    from nemo_pixellm.data import sources
+
+    container = build_config(compose_cfg(["+stage=stage3"]), world_size=1)
+    data = container.dataset
+    trained_with = sources.load_tokenizer(data)
+    assert data.tokenizer_path == str(sources.synthetic_tokenizer_file(cache_dir, data.tokenizer_vocab_size,
+                                                                       data.seed).absolute())
+    monkeypatch.setattr(sources, "SYNTHETIC_VERSION", sources.SYNTHETIC_VERSION + 1000)
+    monkeypatch.setattr(sources, "OCR_WORD_WEIGHT", 0)  # the next version's BPE is another one
+    assert sources.load_tokenizer(data).tok.to_str() == trained_with.tok.to_str()
+    data.tokenizer_path = None  # what an unpinned config did: the newer BPE, silently
+    assert sources.load_tokenizer(data).tok.to_str() != trained_with.tok.to_str()
+
+
 @pytest.mark.parametrize(
     "overrides, world_size, message",
     [

@@ -70,9 +70,15 @@ def ensure_synthetic_text(cache_dir, num_samples: int, seed: int, shard_size: in
     return out
 
 
+def synthetic_tokenizer_file(cache_dir, vocab_size: int, seed: int) -> Path:
+    """Where this generator version's BPE lives: a training run names it in its saved config (build_config),
+    so a checkpoint keeps decoding with the BPE it learned even after a later version trains another one."""
+    return Path(cache_dir) / "tokenizer" / f"synthetic-bpe-v{SYNTHETIC_VERSION}-{vocab_size}-{seed}.json"
+
+
 def ensure_tokenizer(cache_dir, vocab_size: int, seed: int) -> PixelTokenizer:
     """The tiny default's BPE, trained once on synthetic captions and questions and cached."""
-    path = Path(cache_dir) / "tokenizer" / f"synthetic-bpe-v{SYNTHETIC_VERSION}-{vocab_size}-{seed}.json"
+    path = synthetic_tokenizer_file(cache_dir, vocab_size, seed)
 
     def build():
         texts = []

@@ -126,6 +126,9 @@ def build_config(cfg: DictConfig, world_size: int | None = None, init_from_pendi
     model_values = sections["model"]
     validate_model_keys(model_values)
     tokenizer = sources.load_tokenizer(dataset)
+    if dataset.tokenizer_path is None:  # the saved config names the exact BPE file the model learned
+        dataset.tokenizer_path = str(sources.synthetic_tokenizer_file(
+            sources.cache_dir(dataset), dataset.tokenizer_vocab_size, dataset.seed).absolute())
 
     if model_values.get("vocab_size") is None:
         # Round up once, here, so the embedding is the same at every TP size (Megatron's own padding
