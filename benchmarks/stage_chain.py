@@ -80,8 +80,9 @@ def run_chain(root: Path, steps: list[int], samples: int, recipe: list[str], eva
 
 
 def table_row(name: str, vqa: dict) -> str:
+    asked = vqa["asked"] if "asked" in vqa else asked_accuracy(vqa)  # a mean / minimum row brings its own
     return (f"{name:30s}" + "".join(f"{vqa[t]['accuracy']:9.1%}" for t in TYPES)
-            + f"{asked_accuracy(vqa):9.1%}{vqa['all']['accuracy']:9.1%}")
+            + f"{asked:9.1%}{vqa['all']['accuracy']:9.1%}")
 
 
 def mean_and_min(runs: dict, arm: str, reduce) -> dict:
@@ -109,9 +110,7 @@ def print_table(runs: dict, steps: list[int], samples: int) -> None:
     if len(runs) > 1:
         for name, reduce in (("mean", lambda xs: sum(xs) / len(xs)), ("minimum", min)):
             for arm in ("chain, EMA weights", "chain, images blanked"):
-                row = mean_and_min(runs, arm, reduce)
-                print(f"{name + ' ' + arm:30s}" + "".join(f"{row[t]['accuracy']:9.1%}" for t in TYPES)
-                      + f"{row['asked']:9.1%}{row['all']['accuracy']:9.1%}")
+                print(table_row(f"{name} {arm}", mean_and_min(runs, arm, reduce)))
     print(f"questions: {any_vqa['all']['n']} on {samples} held-out images; 'asked' = {'+'.join(ASKED)}")
 
 
