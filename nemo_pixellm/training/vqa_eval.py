@@ -1,6 +1,6 @@
 """Held-out VQA accuracy during training (the same questions and decoding as ``nemo_pixellm.evaluate``),
 every ``vqa_eval.interval`` steps: printed, written to TensorBoard as ``vqa/<type>`` and appended to
-``<run_dir>/vqa.jsonl`` ({"step", "vqa": {type: {"accuracy", "n"}}}: the curves benchmarks/stage_chain.py plots).
+``<run_dir>/vqa.jsonl`` ({"step", "vqa": {type: {"n", "accuracy", "chance"}}}: the curves benchmarks/stage_chain.py plots).
 With EMA on, the EMA weights are evaluated (swapped in for the evaluation, then swapped back)."""
 
 import contextlib
