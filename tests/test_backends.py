@@ -101,11 +101,16 @@ def test_te_decoder_layer_is_megatron_s_te_layer(monkeypatch):
                 num_experts=8 if moe else None, moe_grouped_gemm=moe, qk_layernorm=True, multi_latent_attention=mla)
             assert megatron.self_attention.module is not attention
             megatron.self_attention.module = attention
-            if moe:
+            if moe:  # the two MoE classes the plugin puts in Megatron's slots (router.py, moe_layer.py)
+                from functools import partial
+
+                from nemo_pixellm.models.moe_layer import PixelMoELayer
                 from nemo_pixellm.models.router import PixelTopKRouter
 
                 assert megatron.mlp.keywords["submodules"].router is not PixelTopKRouter
                 megatron.mlp.keywords["submodules"].router = PixelTopKRouter
+                assert megatron.mlp.func is not PixelMoELayer and issubclass(PixelMoELayer, megatron.mlp.func)
+                megatron.mlp = partial(PixelMoELayer, *megatron.mlp.args, **megatron.mlp.keywords)
             if not mla:  # Megatron's GQA layer also renames its TE op-fuser MLP's keys (mlp.0, mlp.1.basic_ops...),
                 # which exist only with use_te_op_fuser, an MLP the plugin does not build
                 assert all(k.startswith(("mlp.0.", "mlp.1.", "mlp.3.")) for k in megatron.sharded_state_dict_keys_map)
@@ -142,6 +147,37 @@ def test_grouped_experts_equal_megatron_sequential_mlp(megatron_single_process):
             results.append([out.detach(), no_grad_out, x.grad, p.grad, *grads])
         for grouped, loop in zip(*results):
             assert torch.equal(grouped, loop)
+
+
+def test_moe_inference_without_the_dispatcher_equals_megatron_s_layer(megatron_single_process):
+    """Without autograd the MoE layer skips the token dispatcher (moe_layer.py): its output equals Megatron's
+    MoELayer forward (router, alltoall dispatcher, experts, combine, shared expert) bit for bit, with experts that
+    get no token, padding rows the router leaves out, and one token per row as in decoding; with autograd the
+    layer is Megatron's."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from nemo_pixellm.models.grouped_experts import GroupedLocalExperts
+    from nemo_pixellm.models.moe_layer import PixelMoELayer
+
+    model = tiny_model(megatron_single_process, seed=3).eval()
+    layer = model.language_model.decoder.layers[1].mlp
+    assert isinstance(layer, PixelMoELayer) and layer._dispatch_free()
+    calls = []
+    by_routing_map = layer.experts.by_routing_map
+    layer.experts.by_routing_map = lambda *args: calls.append(args[2].sum(0)) or by_routing_map(*args)
+    generator = torch.Generator().manual_seed(0)
+    for seq, batch, padded in ((1, 1, False), (1, 5, False), (12, 3, False), (12, 3, True)):
+        hidden = torch.randn(seq, batch, TINY_LM["hidden_size"], generator=generator)
+        padding = (torch.rand(batch, seq, generator=generator) < 0.7) if padded else None
+        with torch.no_grad():
+            ours, _ = layer(hidden, padding_mask=padding)
+            megatrons, _ = MoELayer.forward(layer, hidden, padding_mask=padding)
+        assert torch.equal(ours, megatrons), (seq, batch, padded)
+    assert len(calls) == 4 and any((n == 0).any() for n in calls) and any((n > 1).any() for n in calls)
+    with torch.enable_grad():  # training: Megatron's forward (the dispatcher, the grouped GEMMs)
+        hidden.requires_grad_()
+        layer(hidden)[0].sum().backward()
+    assert len(calls) == 4 and hidden.grad is not None and isinstance(layer.experts, GroupedLocalExperts)
 
 
 def test_fp8_reaches_the_language_model_only_unless_asked():

@@ -8,6 +8,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from nemo_pixellm.hf.checkpoints import read_hf_checkpoint
 from nemo_pixellm.hf.deepseek_v3 import hf_to_megatron, megatron_to_hf, write_hf_checkpoint
+from nemo_pixellm.models.mla import LatentCache
 
 from conftest import build_pixellm
 
@@ -86,6 +87,19 @@ def test_logits_match_hf_deepseek_v3(megatron_single_process, yarn, tmp_path):
         got = lm(input_ids=ids, position_ids=torch.arange(seq).expand(2, -1), attention_mask=None)
     print(f"max |logit diff| {(got - expected).abs().max().item():.3e} of max |logit| {expected.abs().max().item():.3f}")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+    # Decoding over MLA's latent cache (one prompt forward, then absorbed single-token steps with their own rope
+    # path) gives transformers' logits at every step: with YaRN beyond the original context too.
+    cache, prompt = LatentCache(), seq - 6
+    assert all(layer.self_attention._absorbable() for layer in lm.decoder.layers)
+    positions = torch.arange(seq).expand(2, -1)
+    with torch.no_grad():
+        steps = [lm(input_ids=ids[:, :prompt], position_ids=positions[:, :prompt], attention_mask=None,
+                    inference_context=cache)[:, -1]]
+        steps += [lm(input_ids=ids[:, k:k + 1], position_ids=positions[:, k:k + 1], attention_mask=None,
+                     inference_context=cache)[:, -1] for k in range(prompt, seq)]
+    torch.testing.assert_close(torch.stack(steps, 1), expected[:, prompt - 1:], rtol=1e-5,
+                               atol=1e-5 * expected.abs().max().item())
 
     # Export: the written checkpoint loads in transformers with every weight found, into exactly the
     # tensors transformers' own save of the same model loads into.

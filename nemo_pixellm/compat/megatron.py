@@ -16,6 +16,7 @@ _RANDOM = "megatron.core.tensor_parallel.random"
 _MLA = "megatron.core.transformer.multi_latent_attention"
 _INIT = "megatron.bridge.training.initialize"
 _SETUP = "megatron.bridge.training.setup"
+_DISPATCHER = "megatron.core.transformer.moe.token_dispatcher"
 _LORA = "megatron.bridge.peft.lora_layers"
 _LORA_DEPS = ("megatron.core.transformer.moe.moe_utils", "megatron.bridge.peft.adapter_wrapper",
               "megatron.bridge.peft.lora_merge")
@@ -37,6 +38,19 @@ def _after_mla(mla) -> None:
         from nemo_pixellm.models.replicated_linear import ReplicatedLinear
 
         mla.Linear = ReplicatedLinear
+
+
+def _after_dispatcher(dispatcher) -> None:
+    sort_chunks_by_idxs = dispatcher.sort_chunks_by_idxs
+
+    @functools.wraps(sort_chunks_by_idxs)
+    def sort_unless_identity(input, split_sizes, sorted_idxs, probs=None, fused=False):
+        # One EP x TP rank: the chunks are already in expert order (checked on CPU tensors only: no GPU sync).
+        if sorted_idxs.device.type == "cpu" and torch.equal(sorted_idxs, torch.arange(len(sorted_idxs))):
+            return input, probs
+        return sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=probs, fused=fused)
+
+    dispatcher.sort_chunks_by_idxs = sort_unless_identity
 
 
 def _after_initialize(initialize) -> None:
@@ -138,12 +152,13 @@ def install(no_cuda: bool, no_te: bool) -> None:
         after.update({_RANDOM: _after_random, _INIT: _after_initialize, _SETUP: _after_setup})
     else:
         after[_INIT] = _skip_built_helpers
+    after[_DISPATCHER] = _after_dispatcher
     if no_te:
         after[_MLA] = _after_mla
         logging.getLogger("megatron.bridge.utils.import_utils").addFilter(lambda r: r.levelno >= logging.WARNING)
     wrap = {_LORA: _load_lora_without_te} if no_te else {}
     loaded = [name for name in after if name in sys.modules]
-    for name in (_RANDOM, _MLA, _INIT, _SETUP):  # in dependency order
+    for name in (_RANDOM, _DISPATCHER, _MLA, _INIT, _SETUP):  # in dependency order
         if name in loaded:
             after[name](sys.modules[name])
     sys.meta_path.insert(0, _PatchOnImport({n: f for n, f in after.items() if n not in loaded}, wrap))

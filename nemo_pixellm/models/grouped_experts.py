@@ -19,12 +19,16 @@ class GroupedLocalExperts(SequentialMLP):
     # H200 (benchmarks/gpu_check.py). TE's grouped GEMM is the GPU default; this is the local backend's.
     cuda_dtypes = (torch.bfloat16,)
 
-    def _grouped_applies(self, hidden: torch.Tensor) -> bool:
+    def loop_applies(self) -> bool:
+        """The per-expert math here is SequentialMLP's for this configuration (any device and dtype)."""
         c = self.config
+        return (self.num_local_experts > 1 and self.tp_group.size() == 1
+                and not (c.add_bias_linear or c.fp8 or c.fp4 or c.use_te_activation_func or c.moe_apply_probs_on_input))
+
+    def _grouped_applies(self, hidden: torch.Tensor) -> bool:
         device = hidden.device.type
         supported = device == "cpu" or (device == "cuda" and hidden.dtype in self.cuda_dtypes)
-        return (supported and self.num_local_experts > 1 and self.tp_group.size() == 1
-                and not (c.add_bias_linear or c.fp8 or c.fp4 or c.use_te_activation_func or c.moe_apply_probs_on_input))
+        return supported and self.loop_applies()
 
     def _activation(self, intermediate: torch.Tensor, probs: torch.Tensor, dtype) -> torch.Tensor:
         """As megatron.core.transformer.mlp.MLP's unfused path: GLU (or the activation), times the probability."""
@@ -43,11 +47,8 @@ class GroupedLocalExperts(SequentialMLP):
             return super().forward(hidden, tokens_per_expert, probs)
         if not torch.is_grad_enabled():  # decoding / evaluation: only the experts that got tokens, no weight copies
             counts = torch.as_tensor(tokens_per_expert).tolist()
-            outputs = []
-            for expert, x, p in zip(self.local_experts, hidden.split(counts), probs.split(counts)):
-                if x.shape[0]:
-                    x = self._activation(x @ expert.linear_fc1.weight.t(), p, hidden.dtype)
-                    outputs.append(x @ expert.linear_fc2.weight.t())
+            outputs = [self._expert(e, x, p) for e, (x, p) in enumerate(zip(hidden.split(counts), probs.split(counts)))
+                       if x.shape[0]]
             return (torch.cat(outputs) if outputs else hidden.new_zeros(0, self.config.hidden_size)), None
         # Training: one grouped GEMM each over the stacked weights (the stack's backward splits the gradients).
         fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2f, h]
@@ -56,6 +57,21 @@ class GroupedLocalExperts(SequentialMLP):
         intermediate = _contiguous_grad(F.grouped_mm(hidden, fc1.transpose(1, 2), offs=ends))
         intermediate = self._activation(intermediate, probs, hidden.dtype)
         return _contiguous_grad(F.grouped_mm(intermediate, fc2.transpose(1, 2), offs=ends)), None
+
+
+    def by_routing_map(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+        """Without a token dispatcher (``PixelMoELayer``'s inference path): tokens [t, h], the router's probs and
+        routing_map [t, experts] -> [t, h], each expert's output on its rows added at those rows, in expert order
+        (the order the dispatcher's unpermute sums them)."""
+        output = torch.zeros_like(tokens)
+        for e in routing_map.any(0).nonzero().flatten().tolist():
+            rows = routing_map[:, e].nonzero().flatten()
+            output.index_add_(0, rows, self._expert(e, tokens[rows], probs[rows, e]))
+        return output
+
+    def _expert(self, e: int, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        expert = self.local_experts[e]
+        return self._activation(x @ expert.linear_fc1.weight.t(), probs, x.dtype) @ expert.linear_fc2.weight.t()
 
 
 def _contiguous_grad(output: torch.Tensor) -> torch.Tensor:

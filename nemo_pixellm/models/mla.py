@@ -225,8 +225,8 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         up_k, up_v = self.linear_kv_up_proj.weight.view(heads, qk + v, rank).split([qk, v], dim=1)
         # Every head attends to the one latent key: heads x new queries as one head (no per-head copies of the
         # cache). The value is the key itself; its rope columns are dropped from the output.
-        q = torch.cat([torch.einsum("sbhd,hdc->bhsc", q_nope, up_k), rotated[:, :, :heads].permute(1, 2, 0, 3)],
-                      dim=-1).reshape(batch, 1, heads * new, rank + rope)
+        q = torch.cat([q_nope.permute(1, 2, 0, 3) @ up_k, rotated[:, :, :heads].permute(1, 2, 0, 3)],
+                      dim=-1).reshape(batch, 1, heads * new, rank + rope)  # [b, h, s, d] @ [h, d, c] per head
         k = held.transpose(0, 1).unsqueeze(1)  # [b, 1, S, rank + rope]
         keys = k.shape[2]
         visible = (~attention_mask.bool() if attention_mask is not None else  # Megatron: True = masked out
@@ -234,17 +234,23 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         if new > 1:  # one new token's row broadcasts over the heads
             visible = visible.expand(batch, 1, new, keys).repeat(1, 1, heads, 1)  # [b, 1, heads x new, S]
         out = F.scaled_dot_product_attention(q, k, k, attn_mask=visible, scale=self.softmax_scale)[..., :rank]
-        out = torch.einsum("bhsc,hdc->sbhd", out.view(batch, heads, new, rank), up_v).reshape(new, batch, heads * v)
+        out = (out.view(batch, heads, new, rank) @ up_v.transpose(1, 2)).permute(2, 0, 1, 3).reshape(new, batch, heads * v)
         return self.linear_proj(out)
 
     def _rotate(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
-        """MLA's rope on the decoupled slices x [s, b, n, rope] (Megatron's apply_rotary_pos_emb, as its MLA
-        calls it, with YaRN's mscale)."""
+        """MLA's rope on the decoupled slices x [s, b, n, rope], with YaRN's mscale: Megatron's unfused
+        apply_rotary_pos_emb as its MLA calls it (pairs de-interleaved, then rotate-half), written out for the
+        one case decoding meets, at half its per-call cost (same operations, same numbers)."""
         with self.rotary_pos_emb.given(rope_table):
             out = self.rotary_pos_emb(x.shape[0])
         table, mscale = out if isinstance(out, tuple) else (out, 1.0)
-        return apply_rotary_pos_emb(x, table, config=self.config, mscale=mscale, cp_group=self.pg_collection.cp,
-                                    mla_rotary_interleaved=True)
+        if self.config.rotary_interleaved or self.config.context_parallel_size > 1 or table.shape[-1] != x.shape[-1]:
+            return apply_rotary_pos_emb(x, table, config=self.config, mscale=mscale, cp_group=self.pg_collection.cp,
+                                        mla_rotary_interleaved=True)
+        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+        half = x.shape[-1] // 2
+        cos, sin = (torch.cos(table) * mscale).to(x.dtype), (torch.sin(table) * mscale).to(x.dtype)
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def _absorbable(self) -> bool:
         """The latent cache holds what linear_kv_up_proj reads: a plain linear after kv_layernorm (the local

@@ -28,6 +28,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from nemo_pixellm.models.backend import spec_provider
 from nemo_pixellm.models.gqa import PixelSelfAttention
 from nemo_pixellm.models.mla import PixelMLASelfAttention
+from nemo_pixellm.models.moe_layer import PixelMoELayer
 from nemo_pixellm.models.router import PixelTopKRouter
 
 
@@ -79,12 +80,13 @@ def decoder_layer_submodules(backend: BackendSpecProvider, config, moe: bool) ->
 
 
 def moe_spec(backend: BackendSpecProvider, config):
-    """Megatron's MoE layer spec for the backend, with the router that jitters in training only (``router.py``)."""
+    """Megatron's MoE layer spec for the backend, with the router that jitters in training only (``router.py``)
+    and the layer's dispatcher-free inference path (``moe_layer.py``)."""
     megatron = get_mlp_module_spec_for_backend(backend, num_experts=config.num_moe_experts,
                                                moe_grouped_gemm=config.moe_grouped_gemm,
                                                use_te_activation_func=config.use_te_activation_func)
     submodules = replace(megatron.keywords["submodules"], router=PixelTopKRouter)
-    return partial(megatron.func, *megatron.args, **{**megatron.keywords, "submodules": submodules})
+    return partial(PixelMoELayer, *megatron.args, **{**megatron.keywords, "submodules": submodules})
 
 
 def gqa_layer_submodules(backend: BackendSpecProvider, config, fused: bool, keys_map: dict,
