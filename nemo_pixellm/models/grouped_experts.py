@@ -36,7 +36,8 @@ class GroupedLocalExperts(SequentialMLP):
             gate, linear = torch.chunk(intermediate, 2, dim=-1)
             if (clamp := self.config.activation_func_clamp_value) is not None:
                 gate, linear = gate.clamp(max=clamp), linear.clamp(min=-clamp, max=clamp)
-            intermediate = self.config.activation_func(gate) * (linear + self.config.glu_linear_offset)
+            offset = self.config.glu_linear_offset
+            intermediate = self.config.activation_func(gate) * (linear + offset if offset else linear)  # x + 0 is x
         else:
             intermediate = self.config.activation_func(intermediate)
         return (intermediate * probs.unsqueeze(-1)).to(dtype)
@@ -61,13 +62,13 @@ class GroupedLocalExperts(SequentialMLP):
 
     def by_routing_map(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
         """Without a token dispatcher (``PixelMoELayer``'s inference path): tokens [t, h], the router's probs and
-        routing_map [t, experts] -> [t, h], each expert's output on its rows added at those rows, in expert order
-        (the order the dispatcher's unpermute sums them)."""
-        output = torch.zeros_like(tokens)
-        for e in routing_map.any(0).nonzero().flatten().tolist():
-            rows = routing_map[:, e].nonzero().flatten()
-            output.index_add_(0, rows, self._expert(e, tokens[rows], probs[rows, e]))
-        return output
+        routing_map [t, experts] -> [t, h]. The (expert, token) pairs in expert order, as the dispatcher permutes
+        them; each expert's outputs added back at their tokens in that order, as its unpermute sums them."""
+        expert_of, row_of = routing_map.t().nonzero(as_tuple=True)
+        counts = torch.bincount(expert_of, minlength=self.num_local_experts)
+        with torch.no_grad():
+            outputs, _ = self.forward(tokens[row_of], counts, probs[row_of, expert_of])
+        return torch.zeros_like(tokens).index_add_(0, row_of, outputs)
 
     def _expert(self, e: int, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         expert = self.local_experts[e]
