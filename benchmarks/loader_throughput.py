@@ -40,7 +40,7 @@ def loader_rate(pack: bool, workers: int, sequences: int) -> dict:
     start, samples, tokens = time.time(), 0, 0
     for batch in loader:
         samples += sum(len(s) for s in batch["samples"])
-        tokens += sum(length for s in batch["samples"] for _, _, length in s)
+        tokens += sum(p.tokens for s in batch["samples"] for p in s)
     seconds = time.time() - start
     return {"pack": pack, "workers": workers, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
 

@@ -42,7 +42,7 @@ def scenes(count: int, first: int, size: int):
 
 def occupied_cells(image) -> torch.Tensor:
     """[GRID, GRID] True where a cell holds a shape (pixels other than its background colour)."""
-    pixels = tiling.to_tensor(image.convert("RGB"))  # [3, H, W]
+    pixels = tiling.normalise(tiling.to_pixels(image.convert("RGB")))  # [3, H, W]
     _, height, width = pixels.shape
     cells = pixels.reshape(3, GRID, height // GRID, GRID, width // GRID)
     background = pixels[:, 0, 0].view(3, 1, 1, 1, 1)
@@ -52,7 +52,8 @@ def occupied_cells(image) -> torch.Tensor:
 @torch.no_grad()
 def token_features(model, images, tile: int) -> torch.Tensor:
     """[images, GRID, GRID, hidden]: each image's global view through the tower and the projector."""
-    views = torch.stack([tiling.to_tensor(image.convert("RGB").resize((tile, tile))) for image in images])
+    views = torch.stack([tiling.to_pixels(image.convert("RGB").resize((tile, tile))) for image in images])
+    views = tiling.normalise(views)
     features = model.projector.project(model.vision_model(views))
     if features.shape[1:3] != (GRID, GRID):
         raise SystemExit(f"{tile}-pixel views give {features.shape[1]}x{features.shape[2]} tokens, not one per cell "

@@ -131,7 +131,7 @@ def caption_loss(model, data_config, tokenizer, args: EvalArgs) -> float:
     with torch.no_grad():
         for start in range(0, len(captions), args.batch_size):
             batch = captions.collate_fn([captions[i] for i in range(start, min(start + args.batch_size, len(captions)))])
-            images = torch.zeros_like(batch["images"]) if args.blind else batch["images"]
+            images = torch.zeros(batch["images"].shape) if args.blind else batch["images"]  # mean colour (normalised)
             loss = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], images=images,
                          image_grids=batch["image_grids"])
             total += float((loss * batch["loss_mask"]).sum())

@@ -23,7 +23,7 @@ def prompt_from_sample(sample: Sample) -> Prompt:
     """The segments of ``sample`` up to its first loss-carrying segment (the answer)."""
     tokens, _, blocks, views, grids = sample.flatten(sample.num_tokens, prompt_only=True)
     tile = sample.tile or 1
-    return Prompt(tokens, blocks, torch.stack(views) if views else torch.zeros(0, 3, tile, tile),
+    return Prompt(tokens, blocks, tiling.normalise(torch.stack(views)) if views else torch.zeros(0, 3, tile, tile),
                   torch.tensor(grids, dtype=torch.long).view(-1, 2))
 
 

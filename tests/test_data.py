@@ -282,6 +282,8 @@ def test_three_image_record_is_untiled_through_the_data_path_and_the_model(token
     assert torch.equal(prompt.views, request.views) and torch.equal(prompt.grids, request.grids)
 
     batch = TrainingSequences.collate_fn([build_sequence([(0, three)], 160, tokenizer.pad_id, 56)])
+    # Training batches carry the views as uint8 pixels (a quarter of the bytes); the model normalises them.
+    assert batch["images"].dtype == torch.uint8 and torch.equal(tiling.normalise(batch["images"]), request.views)
     n = len(request.tokens)
     with torch.no_grad():
         trained = model(batch["tokens"], batch["position_ids"], images=batch["images"], image_grids=batch["image_grids"])

@@ -296,7 +296,7 @@ def build_sequence(samples: list[tuple[int, Sample]], seq_length: int, pad_id: i
         "loss_mask": torch.tensor(loss + [0.0] * pad, dtype=torch.float),
         "position_ids": torch.cat(positions, dim=1),
         "segment_ids": torch.tensor(segment_ids + [-1] * pad, dtype=torch.long),
-        "images": torch.stack(views) if views else torch.zeros(0, 3, tile, tile),
+        "images": torch.stack(views) if views else torch.zeros(0, 3, tile, tile, dtype=torch.uint8),  # uint8 pixels
         "image_grids": torch.tensor(grids, dtype=torch.long).view(-1, 2),
         "samples": info,
     }

@@ -92,7 +92,7 @@ class Sample:
                 ids += [segment.token_id] * layout.tokens
                 carries += [0.0] * layout.tokens
                 blocks += layout.blocks
-                views += [tiling.to_tensor(v) for v in tiling.tile_image(segment.image, layout, self.tile)]
+                views += [tiling.to_pixels(v) for v in tiling.tile_image(segment.image, layout, self.tile)]
                 grids.append(layout.grid)
             else:
                 part = segment.ids[:left]

@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
+from nemo_pixellm import tiling
 from nemo_pixellm.models import context_parallel
 from nemo_pixellm.models.projector import PixelProjector
 from nemo_pixellm.models.vision import VisionTower
@@ -60,8 +61,9 @@ class PixelLMModel(MegatronModule):
         return self.language_model.shared_embedding_or_output_weight()
 
     def image_embeddings(self, images: torch.Tensor, image_grids: torch.Tensor | None = None) -> torch.Tensor:
-        """Views [v, 3, T, T] -> [image tokens, hidden] in the order the image tokens appear.
-        ``image_grids`` None: every view is a whole image (global view only)."""
+        """Views [v, 3, T, T] (uint8 pixels, or already normalised floats) -> [image tokens, hidden] in the order
+        the image tokens appear. ``image_grids`` None: every view is a whole image (global view only)."""
+        images = tiling.normalise(images)
         if image_grids is None:
             image_grids = torch.zeros(images.shape[0], 2, dtype=torch.long)
         return self.projector(self.vision_model(images), image_grids)
