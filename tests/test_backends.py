@@ -180,6 +180,51 @@ def test_moe_inference_without_the_dispatcher_equals_megatron_s_layer(megatron_s
     assert len(calls) == 4 and hidden.grad is not None and isinstance(layer.experts, GroupedLocalExperts)
 
 
+def test_plain_inference_linears_equal_megatron_s(megatron_single_process, monkeypatch):
+    """Without autograd on one rank the local backend's parallel linears are one product (parallel_linear.py):
+    the model's logits with them equal those through Megatron's linear forwards bit for bit (MLA, dense MLP, MoE
+    shared expert, vision tower, projector), and each linear's output with a bias, added or returned; with
+    autograd Megatron's forward runs."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from nemo_pixellm.models import parallel_linear
+    from nemo_pixellm.models.parallel_linear import LocalColumnParallelLinear, LocalRowParallelLinear
+
+    model = tiny_model(megatron_single_process, seed=3)
+    linears = [m for m in model.modules() if isinstance(m, (LocalColumnParallelLinear, LocalRowParallelLinear))]
+    assert {type(m) for m in linears} == {LocalColumnParallelLinear, LocalRowParallelLinear}
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 256, (2, 32), generator=generator)
+    ids[:, 1:1 + 6] = 5  # one 56-pixel view: 6 image tokens per row
+    images = torch.randint(0, 256, (2, 3, 56, 56), generator=generator, dtype=torch.uint8)
+    positions = torch.arange(32).expand(2, -1)
+    calls = []
+    plain = parallel_linear._plain
+    monkeypatch.setattr(parallel_linear, "_plain", lambda linear: calls.append(plain(linear)) or calls[-1])
+    with torch.no_grad():
+        ours = model(ids, positions, images=images)
+        assert len(calls) >= len(linears) and all(calls)
+        monkeypatch.setattr(parallel_linear, "_plain", lambda linear: False)
+        megatrons = model(ids, positions, images=images)
+    assert torch.equal(ours, megatrons)
+
+    config, x = model.language_model.config, torch.randn(5, 2, 64, generator=generator)
+    for local, megatron in ((LocalColumnParallelLinear, ColumnParallelLinear), (LocalRowParallelLinear, RowParallelLinear)):
+        for skip_bias_add in (False, True):
+            extra = {"gather_output": False} if megatron is ColumnParallelLinear else {"input_is_parallel": True}
+            linear = local(64, 48, config=config, init_method=torch.nn.init.normal_, bias=True,
+                           skip_bias_add=skip_bias_add, tp_group=megatron_single_process.tp, **extra)
+            torch.nn.init.normal_(linear.bias)
+            monkeypatch.setattr(parallel_linear, "_plain", plain)
+            with torch.no_grad():
+                got, expected = linear(x), megatron.forward(linear, x)
+            assert torch.equal(got[0], expected[0]) and got[1] is expected[1], (local, skip_bias_add)
+    calls.clear()
+    monkeypatch.setattr(parallel_linear, "_plain", lambda linear: calls.append(plain(linear)) or calls[-1])
+    model(ids, positions, images=images).sum().backward()
+    assert calls and not any(calls)
+
+
 def test_fp8_reaches_the_language_model_only_unless_asked():
     """Precision scope: model.fp8 configures the language model's layers; the vision tower's and projector's
     configs keep bf16 (fp8 unset) unless model.fp8_vision=true, which gives them the same FP8 settings."""

@@ -14,6 +14,7 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from nemo_pixellm.models.core_attention import SDPACoreAttention
 from nemo_pixellm.models.grouped_experts import GroupedLocalExperts
 from nemo_pixellm.models.norms import TorchNorm
+from nemo_pixellm.models.parallel_linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from nemo_pixellm.models.replicated_linear import ReplicatedLinear
 
 try:
@@ -28,10 +29,17 @@ except ImportError:
 class TorchSpecProvider(LocalSpecProvider):
     """Megatron's local modules, with core attention over torch SDPA (MLA needs k/v channels), norms that
     accept sequence parallelism (MoE with TP needs it), a TP-replicated linear (TE's ``linear()``; Megatron's
-    local provider has none) and the routed experts as grouped GEMMs."""
+    local provider has none), the routed experts as grouped GEMMs, and parallel linears whose inference on one
+    rank is a plain product (``parallel_linear.py``)."""
 
     def linear(self) -> type:
         return ReplicatedLinear
+
+    def column_parallel_linear(self) -> type:
+        return LocalColumnParallelLinear
+
+    def row_parallel_linear(self) -> type:
+        return LocalRowParallelLinear
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool):
         return partial(GroupedLocalExperts, submodules=MLPSubmodules(

@@ -1,0 +1,44 @@
+"""Megatron's column- and row-parallel linears for the local backend, with a plain path for inference on one
+tensor-parallel rank: without autograd and without a tensor-parallel partner there is nothing to communicate,
+and Megatron's wrappers (region copies, its autograd function, group lookups) cost ~30 us of Python a call,
+most of a CPU decoding step's time at small sizes (issue 22's profile). The product is Megatron's own
+(``matmul(x, W^T)``, then ``+ bias``, as its autograd function and RowParallelLinear add them): the same numbers.
+"""
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.utils import get_pg_size
+
+
+def _plain(linear) -> bool:
+    """One rank, no autograd, none of Megatron's per-call extras (deferred embedding wgrad, CPU offloading,
+    gathered weights)."""
+    if torch.is_grad_enabled():
+        return False
+    plain = getattr(linear, "_plain_inference", None)
+    if plain is None:
+        c = linear.config
+        plain = linear._plain_inference = (get_pg_size(linear.tp_group) == 1 and not c.defer_embedding_wgrad_compute
+                                           and not c.cpu_offloading
+                                           and getattr(linear, "gtp_remat_size", 1) == 1)
+    return plain
+
+
+class LocalColumnParallelLinear(ColumnParallelLinear):
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if weight is not None or not _plain(self):
+            return super().forward(input_, weight, runtime_gather_output)
+        output = torch.matmul(input_, self.weight.t())
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None
+
+
+class LocalRowParallelLinear(RowParallelLinear):
+    def forward(self, input_):
+        if not _plain(self):
+            return super().forward(input_)
+        output = torch.matmul(input_, self.weight.t())
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None
