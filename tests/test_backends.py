@@ -181,10 +181,10 @@ def test_moe_inference_without_the_dispatcher_equals_megatron_s_layer(megatron_s
 
 
 def test_plain_inference_linears_equal_megatron_s(megatron_single_process, monkeypatch):
-    """Without autograd on one rank the local backend's parallel linears are one product (parallel_linear.py):
-    the model's logits with them equal those through Megatron's linear forwards bit for bit (MLA, dense MLP, MoE
-    shared expert, vision tower, projector), and each linear's output with a bias, added or returned; with
-    autograd Megatron's forward runs."""
+    """On one rank the local backend's parallel linears are one product (parallel_linear.py): without autograd
+    the model's logits equal those through Megatron's linear forwards bit for bit (MLA, dense MLP, MoE shared
+    expert, vision tower, projector), and each linear's output with a bias, added or returned; in training the
+    loss and every gradient equal those through Megatron's autograd function (to rounding)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from nemo_pixellm.models import parallel_linear
@@ -219,10 +219,20 @@ def test_plain_inference_linears_equal_megatron_s(megatron_single_process, monke
             with torch.no_grad():
                 got, expected = linear(x), megatron.forward(linear, x)
             assert torch.equal(got[0], expected[0]) and got[1] is expected[1], (local, skip_bias_add)
-    calls.clear()
-    monkeypatch.setattr(parallel_linear, "_plain", lambda linear: calls.append(plain(linear)) or calls[-1])
-    model(ids, positions, images=images).sum().backward()
-    assert calls and not any(calls)
+    # Training on one rank: the plain product under torch's autograd; the same loss and gradients as Megatron's
+    # autograd function (which computes the weight gradient itself).
+    model.train()
+    targets = torch.randint(6, 256, (2, 32), generator=generator)
+    results = []
+    for use_plain in (plain, lambda linear: False):
+        monkeypatch.setattr(parallel_linear, "_plain", use_plain)
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, positions, images=images, labels=targets).mean()
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1]) > len(linears)
+    for ours, megatrons in zip(*results):
+        torch.testing.assert_close(ours, megatrons, rtol=1e-5, atol=1e-7)
 
 
 def test_fp8_reaches_the_language_model_only_unless_asked():

@@ -1,8 +1,10 @@
-"""Megatron's column- and row-parallel linears for the local backend, with a plain path for inference on one
-tensor-parallel rank: without autograd and without a tensor-parallel partner there is nothing to communicate,
-and Megatron's wrappers (region copies, its autograd function, group lookups) cost ~30 us of Python a call,
-most of a CPU decoding step's time at small sizes (issue 22's profile). The product is Megatron's own
-(``matmul(x, W^T)``, then ``+ bias``, as its autograd function and RowParallelLinear add them): the same numbers.
+"""Megatron's column- and row-parallel linears for the local backend, with a plain path on one tensor-parallel
+rank: with no tensor-parallel partner there is nothing to communicate, and Megatron's wrappers (region copies,
+its autograd function with a Python backward, group lookups) cost ~30 us of Python a call, most of a CPU
+decoding step's time at small sizes and ~10% of the tiny training step (issue 22's profiles). The product is
+Megatron's own (``matmul(x, W^T)``, then ``+ bias`` as RowParallelLinear adds it) under torch's autograd:
+without autograd the same numbers bit for bit, in training the same gradients to rounding. Fused gradient
+accumulation into ``main_grad`` (a GPU feature) keeps Megatron's function.
 """
 
 import torch
@@ -11,14 +13,14 @@ from megatron.core.utils import get_pg_size
 
 
 def _plain(linear) -> bool:
-    """One rank, no autograd, none of Megatron's per-call extras (deferred embedding wgrad, CPU offloading,
-    gathered weights)."""
-    if torch.is_grad_enabled():
+    """One rank, none of Megatron's per-call extras (fused wgrad accumulation while training, deferred embedding
+    wgrad, CPU offloading, gathered weights)."""
+    if torch.is_grad_enabled() and linear.config.gradient_accumulation_fusion:
         return False
-    plain = getattr(linear, "_plain_inference", None)
+    plain = getattr(linear, "_plain_product", None)
     if plain is None:
         c = linear.config
-        plain = linear._plain_inference = (get_pg_size(linear.tp_group) == 1 and not c.defer_embedding_wgrad_compute
+        plain = linear._plain_product = (get_pg_size(linear.tp_group) == 1 and not c.defer_embedding_wgrad_compute
                                            and not c.cpu_offloading
                                            and getattr(linear, "gtp_remat_size", 1) == 1)
     return plain
