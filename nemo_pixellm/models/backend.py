@@ -29,8 +29,8 @@ except ImportError:
 class TorchSpecProvider(LocalSpecProvider):
     """Megatron's local modules, with core attention over torch SDPA (MLA needs k/v channels), norms that
     accept sequence parallelism (MoE with TP needs it), a TP-replicated linear (TE's ``linear()``; Megatron's
-    local provider has none), the routed experts as grouped GEMMs, and parallel linears whose inference on one
-    rank is a plain product (``parallel_linear.py``)."""
+    local provider has none), the routed experts as grouped GEMMs, and parallel linears that are a plain product
+    on one tensor-parallel rank (``parallel_linear.py``)."""
 
     def linear(self) -> type:
         return ReplicatedLinear

@@ -59,7 +59,6 @@ class GroupedLocalExperts(SequentialMLP):
         intermediate = self._activation(intermediate, probs, hidden.dtype)
         return _contiguous_grad(F.grouped_mm(intermediate, fc2.transpose(1, 2), offs=ends)), None
 
-
     def by_routing_map(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
         """Without a token dispatcher (``PixelMoELayer``'s inference path): tokens [t, h], the router's probs and
         routing_map [t, experts] -> [t, h]. The (expert, token) pairs in expert order, as the dispatcher permutes

@@ -234,7 +234,8 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         if new > 1:  # one new token's row broadcasts over the heads
             visible = visible.expand(batch, 1, new, keys).repeat(1, 1, heads, 1)  # [b, 1, heads x new, S]
         out = F.scaled_dot_product_attention(q, k, k, attn_mask=visible, scale=self.softmax_scale)[..., :rank]
-        out = (out.view(batch, heads, new, rank) @ up_v.transpose(1, 2)).permute(2, 0, 1, 3).reshape(new, batch, heads * v)
+        out = out.view(batch, heads, new, rank) @ up_v.transpose(1, 2)  # [b, h, s, v]
+        out = out.permute(2, 0, 1, 3).reshape(new, batch, heads * v)
         return self.linear_proj(out)
 
     def _rotate(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:

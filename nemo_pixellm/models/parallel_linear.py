@@ -26,21 +26,21 @@ def _plain(linear) -> bool:
     return plain
 
 
+def _product(linear, x: torch.Tensor):
+    """Megatron's linear output pair: (x W^T + b, None), or (x W^T, b) with skip_bias_add."""
+    output = torch.matmul(x, linear.weight.t())
+    if linear.skip_bias_add:
+        return output, linear.bias
+    return (output + linear.bias if linear.bias is not None else output), None
+
+
 class LocalColumnParallelLinear(ColumnParallelLinear):
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if weight is not None or not _plain(self):
             return super().forward(input_, weight, runtime_gather_output)
-        output = torch.matmul(input_, self.weight.t())
-        if self.skip_bias_add:
-            return output, self.bias
-        return (output + self.bias if self.bias is not None else output), None
+        return _product(self, input_)
 
 
 class LocalRowParallelLinear(RowParallelLinear):
     def forward(self, input_):
-        if not _plain(self):
-            return super().forward(input_)
-        output = torch.matmul(input_, self.weight.t())
-        if self.skip_bias_add:
-            return output, self.bias
-        return (output + self.bias if self.bias is not None else output), None
+        return _product(self, input_) if _plain(self) else super().forward(input_)
