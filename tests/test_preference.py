@@ -296,11 +296,24 @@ def test_rejected_answer_is_the_model_s_mistake_else_a_distractor():
     from nemo_pixellm.preference.pairs import rejected_answer
 
     qa = {"type": "colour", "q": "What colour is the circle?", "a": "red"}
-    assert rejected_answer(" blue ", qa, random.Random(0)) == ("blue", "model")
-    for right_or_empty in ("red", " Red.", ""):  # a right answer (after VQA normalisation) or none: a distractor
-        rejected, source = rejected_answer(right_or_empty, qa, random.Random(0))
+    assert rejected_answer([" blue "], qa, random.Random(0)) == ("blue", "model")
+    # Several sampled answers: the most frequent wrong one, the first of equal counts.
+    assert rejected_answer(["red", "green", "blue", "blue", "red", "red"], qa, random.Random(0)) == ("blue", "model")
+    assert rejected_answer(["green", "red", "blue"], qa, random.Random(0)) == ("green", "model")
+    for right_or_empty in (["red"], [" Red."], [""], ["red", "", " red"]):  # right (after VQA normalisation) or
+        rejected, source = rejected_answer(right_or_empty, qa, random.Random(0))  # none: a distractor
         assert source == "distractor" and rejected != "red" and rejected in ("blue", "green", "yellow", "purple",
                                                                               "orange", "white", "black", "grey")
+
+
+@pytest.mark.parametrize("answers, temperature", [(0, 1.0), (4, 0.0)])
+def test_pairs_refuse_answers_that_cannot_differ(answers, temperature, tmp_path, capsys):
+    from nemo_pixellm.preference.pairs import main
+
+    with pytest.raises(SystemExit):
+        main([f"checkpoint={tmp_path}", f"out={tmp_path / 'pairs'}", f"answers={answers}", f"temperature={temperature}"])
+    assert f"answers={answers} with temperature={temperature}" in capsys.readouterr().err
+    assert not (tmp_path / "pairs").exists()
 
 
 @pytest.mark.slow

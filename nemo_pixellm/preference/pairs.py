@@ -4,11 +4,13 @@ wrong answer of the same type (``synthetic.distractor``). Written as ``data_prep
 4 DPO reads them with ``dataset.path``:
 
     python -m nemo_pixellm.preference.pairs checkpoint=<stage-3 checkpoint.save> out=<dir> [samples=2000]
-        [data=<VQA shards>] [batch_size=16] [max_new_tokens=6] [temperature=0] [seed=0] [ema=false]
+        [data=<VQA shards>] [batch_size=16] [max_new_tokens=6] [temperature=0] [answers=1] [seed=0] [ema=false]
     python -m nemo_pixellm.train +stage=stage4 stage.algorithm=dpo stage.init_from=<same checkpoint> dataset.path=<dir>
 
 The model's answers are decoded once, here (greedy by default), so DPO's data stays a pure function of the
-index (exact resume on any layout, as for every other stage). Each record keeps the question's type and
+index (exact resume on any layout, as for every other stage). With ``answers=K`` (and a temperature) the model
+answers each question K times and the rejected answer is its most frequent wrong one: a model right 85% of the
+time gives wrong answers to few questions when asked once. Each record keeps the question's type and
 ``rejected_from`` ("model" or "distractor"); the summary line counts both.
 """
 
@@ -29,18 +31,21 @@ class PairArgs:
     batch_size: int = 16
     max_new_tokens: int = 6
     temperature: float = 0.0
+    answers: int = 1  # sampled answers per question (needs temperature > 0 when > 1)
     seed: int = 0
     ema: bool = False  # the stage-3 weights DPO starts from (stage.init_from loads the raw ones)
     shard_size: int = 1000
 
 
-def rejected_answer(said: str, qa: dict, rng: random.Random) -> tuple[str, str]:
-    """(rejected answer, where it comes from): the model's answer when it is a wrong one, else a distractor."""
+def rejected_answer(said: list[str], qa: dict, rng: random.Random) -> tuple[str, str]:
+    """(rejected answer, where it comes from): the model's most frequent wrong answer among those it gave (the
+    first one on ties), else a distractor."""
     from nemo_pixellm.data.synthetic import distractor
     from nemo_pixellm.vqa_score import vqa_score
 
-    if said.strip() and vqa_score(said, qa.get("answers") or [qa["a"]]) == 0.0:
-        return said.strip(), "model"
+    wrong = [a.strip() for a in said if a.strip() and vqa_score(a, qa.get("answers") or [qa["a"]]) == 0.0]
+    if wrong:
+        return max(wrong, key=wrong.count), "model"  # max keeps the first of equal counts
     return distractor(qa, rng), "distractor"
 
 
@@ -53,6 +58,9 @@ def build_pairs(args: PairArgs) -> dict:
     from nemo_pixellm.training.ema import load_ema_into
 
     out = Path(args.out)
+    if args.answers < 1 or (args.answers > 1 and args.temperature <= 0):
+        raise ValueError(f"answers={args.answers} with temperature={args.temperature}: give answers >= 1, and a "
+                         "temperature > 0 for more than one (greedy answers repeat)")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"out={out} is not empty: give a new directory (nothing there was changed)")
     model, data_config, directory = load(args.checkpoint)
@@ -67,12 +75,15 @@ def build_pairs(args: PairArgs) -> dict:
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         prompts = [prompt_from_sample(questions.sample(index, data_config.image_size, data_config.seq_length))
-                   for _, index, _ in batch]
+                   for _, index, _ in batch for _ in range(args.answers)]
+        seeds = [args.seed * 1_000_003 + (start + i) * args.answers + k for i in range(len(batch))
+                 for k in range(args.answers)]  # answers=1: the seeds of one answer per question, as before
         answers = generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, args.max_new_tokens,
-                           args.temperature, seed=[args.seed * 1_000_003 + start + i for i in range(len(batch))])
-        for (record, index, qa), answer in zip(batch, answers):
+                           args.temperature, seed=seeds)
+        for i, (record, index, qa) in enumerate(batch):
             rng = random.Random(f"pixellm-pairs-{args.seed}-{index}")
-            rejected, source = rejected_answer(tokenizer.decode(answer), qa, rng)
+            said = [tokenizer.decode(a) for a in answers[i * args.answers:(i + 1) * args.answers]]
+            rejected, source = rejected_answer(said, qa, rng)
             counts[source] += 1
             raw = questions.reader[record]
             images = {m: raw[m] for m in image_members(raw)}
@@ -94,7 +105,7 @@ def main(argv=None) -> None:
     args = parse_args(PairArgs, sys.argv[1:] if argv is None else argv, required=("checkpoint", "out"))
     try:
         print(json.dumps(build_pairs(args)))
-    except (FileExistsError, FileNotFoundError) as error:
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 
