@@ -64,19 +64,9 @@ class GroupedLocalExperts(SequentialMLP):
         routing_map [t, experts] -> [t, h]. The (expert, token) pairs in expert order, as the dispatcher permutes
         them; each expert's outputs added back at their tokens in that order, as its unpermute sums them."""
         expert_of, row_of = routing_map.t().nonzero(as_tuple=True)
-        return self._by_pairs(tokens, expert_of, row_of, probs[row_of, expert_of])
-
-    def by_routes(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """As ``by_routing_map`` from the chosen experts and weights [t, k] (``PixelTopKRouter.inference_routes``):
-        the pairs sorted by expert, then token, are the routing map's nonzero entries in the same order."""
-        rows = torch.arange(experts.shape[0], device=experts.device).repeat_interleave(experts.shape[1])
-        order = torch.argsort(experts.flatten() * experts.shape[0] + rows)
-        return self._by_pairs(tokens, experts.flatten()[order], rows[order], weights.flatten()[order])
-
-    def _by_pairs(self, tokens, expert_of, row_of, pair_probs) -> torch.Tensor:
         counts = torch.bincount(expert_of, minlength=self.num_local_experts)
         with torch.no_grad():
-            outputs, _ = self.forward(tokens[row_of], counts, pair_probs)
+            outputs, _ = self.forward(tokens[row_of], counts, probs[row_of, expert_of])
         return torch.zeros_like(tokens).index_add_(0, row_of, outputs)
 
     def _expert(self, e: int, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

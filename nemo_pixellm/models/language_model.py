@@ -8,10 +8,8 @@ heads (``gqa.py``); None keeps Megatron's 0..s-1.
 """
 
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
 from nemo_pixellm.models.mla import RopeTable, mla_rotary
-from nemo_pixellm.models.parallel_linear import LocalColumnParallelLinear
 
 
 class PixelGPTModel(GPTModel):
@@ -19,10 +17,6 @@ class PixelGPTModel(GPTModel):
         super().__init__(config, *args, **kwargs)
         base = mla_rotary(config, self.pg_collection.cp) if config.multi_latent_attention else self.rotary_pos_emb
         self.rope_table = RopeTable(base, config.mrope_section)
-        if type(getattr(self, "output_layer", None)) is ColumnParallelLinear:
-            # GPTModel builds its output layer itself, outside the layer spec: give it the local backend's
-            # one-rank product (same weights, same numbers; Megatron's path on several ranks).
-            self.output_layer.__class__ = LocalColumnParallelLinear
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         # Megatron's step that turns positions into the layers' rotary input (listed in nemo_pixellm.compat).

@@ -2,8 +2,8 @@
 
 Without autograd, on one expert-parallel and tensor-parallel rank, the routed tokens need no all-to-all and no
 permutation: each expert that got tokens reads them by index and adds its output back at the same rows
-(``GroupedLocalExperts.by_routes``). The router's numbers are Megatron's (``PixelTopKRouter.inference_routes``, or
-its own call), and the sum is Megatron's: routed output + shared expert output. The dispatcher's permute, chunk sort and unpermute
+(``GroupedLocalExperts.by_routing_map``). The router is Megatron's own call (same experts, weights and bias), and
+the sum is Megatron's: routed output + shared expert output. The dispatcher's permute, chunk sort and unpermute
 are ~40% of the layer's time when decoding one token per row on a CPU (issue 22's profile).
 """
 
@@ -21,12 +21,9 @@ class PixelMoELayer(MoELayer):
         if padding_mask is not None:
             padding_mask = padding_mask.transpose(0, 1).bool()
         shared = self.shared_experts_compute(hidden_states)
+        probs, routing_map = self.route(hidden_states, padding_mask)
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if self.router.inference_routes_apply():
-            output = self.experts.by_routes(tokens, *self.router.inference_routes(hidden_states))
-        else:
-            output = self.experts.by_routing_map(tokens, *self.route(hidden_states, padding_mask))
-        output = output.view_as(hidden_states)
+        output = self.experts.by_routing_map(tokens, probs, routing_map).view_as(hidden_states)
         return (output if shared is None else output + shared), None
 
     def _dispatch_free(self) -> bool:

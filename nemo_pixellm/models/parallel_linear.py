@@ -26,9 +26,9 @@ def _plain(linear) -> bool:
     return plain
 
 
-def _product(linear, x: torch.Tensor, weight: torch.Tensor):
+def _product(linear, x: torch.Tensor):
     """Megatron's linear output pair: (x W^T + b, None), or (x W^T, b) with skip_bias_add."""
-    output = torch.matmul(x, weight.t())
+    output = torch.matmul(x, linear.weight.t())
     if linear.skip_bias_add:
         return output, linear.bias
     return (output + linear.bias if linear.bias is not None else output), None
@@ -36,12 +36,11 @@ def _product(linear, x: torch.Tensor, weight: torch.Tensor):
 
 class LocalColumnParallelLinear(ColumnParallelLinear):
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        # weight: the tied input embedding, which GPTModel passes to its output layer.
-        if not _plain(self):
+        if weight is not None or not _plain(self):
             return super().forward(input_, weight, runtime_gather_output)
-        return _product(self, input_, self.weight if weight is None else weight)
+        return _product(self, input_)
 
 
 class LocalRowParallelLinear(RowParallelLinear):
     def forward(self, input_):
-        return _product(self, input_, self.weight) if _plain(self) else super().forward(input_)
+        return _product(self, input_) if _plain(self) else super().forward(input_)
