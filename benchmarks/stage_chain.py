@@ -47,6 +47,15 @@ def asked_accuracy(vqa: dict) -> float:
     return right / sum(vqa[t]["n"] for t in ASKED if t in vqa)
 
 
+def share_right(answers: list[dict]) -> dict:
+    return {"n": len(answers), "accuracy": sum(a["score"] for a in answers) / max(len(answers), 1)}
+
+
+def colour_object(question: str) -> str:
+    """What a colour question asks about: a scene's shape, a chart's lettered bar or a line of text."""
+    return "bar" if " bar " in question else "text" if " text " in question else "shape"
+
+
 def run_chain(root: Path, steps: list[int], samples: int, recipe: list[str], evaluate_only: bool) -> dict:
     """One chain under ``root`` and its four evaluations: {"chain_s", "reports": {arm: per-type summary}}.
     The untrained model (one step at learning rate 0) comes first: it builds the data sets into the cache,
@@ -71,12 +80,12 @@ def run_chain(root: Path, steps: list[int], samples: int, recipe: list[str], eva
         "untrained": evaluate(untrained / "checkpoints", samples),
     }
     answers = [json.loads(line) for line in (root / "heldout_answers.jsonl").read_text().splitlines()]
-    by_phrasing = {}
-    for phrasing, starts in (("object mid-question", "Is the"), ("object last", ("Left or", "Top or"))):
-        rows = [a for a in answers if a["type"] == "position" and a["q"].startswith(starts)]
-        by_phrasing[phrasing] = {"n": len(rows), "accuracy": sum(a["score"] for a in rows) / max(len(rows), 1)}
+    by_phrasing = {phrasing: share_right([a for a in answers if a["type"] == "position" and a["q"].startswith(starts)])
+                   for phrasing, starts in (("object mid-question", "Is the"), ("object last", ("Left or", "Top or")))}
+    by_object = {kind: share_right([a for a in answers if a["type"] == "colour" and colour_object(a["q"]) == kind])
+                 for kind in ("shape", "bar", "text")}
     return {"chain_s": None if evaluate_only else round(chain_s, 1), "reports": {k: v["vqa"] for k, v in reports.items()},
-            "position_by_phrasing": by_phrasing}
+            "position_by_phrasing": by_phrasing, "colour_by_object": by_object}
 
 
 def table_row(name: str, vqa: dict) -> str:
@@ -107,6 +116,8 @@ def print_table(runs: dict, steps: list[int], samples: int) -> None:
             print(table_row(label + arm, vqa))
         print(f"{label}position questions (EMA) by phrasing: " + ", ".join(
             f"{k} {v['accuracy']:.1%} of {v['n']}" for k, v in run["position_by_phrasing"].items()))
+        print(f"{label}colour questions (EMA) by object: " + ", ".join(
+            f"{k} {v['accuracy']:.1%} of {v['n']}" for k, v in run.get("colour_by_object", {}).items()))
     if len(runs) > 1:
         for name, reduce in (("mean", lambda xs: sum(xs) / len(xs)), ("minimum", min)):
             for arm in ("chain, EMA weights", "chain, images blanked"):

@@ -361,6 +361,12 @@ def test_dpo_pairs_from_the_model_s_own_answers(trained_checkpoint, cache_dir, t
     with pytest.raises(SystemExit):  # an output directory that holds something is left alone
         main([f"checkpoint={trained_checkpoint}", f"out={tmp_path / 'pairs'}"])
     assert len(ShardReader(tmp_path / "pairs")) == len(metas)
+    # answers=3 at a near-zero temperature: three greedy answers per question, grouped back to their question,
+    # give the same pairs as one greedy answer.
+    build_pairs(PairArgs(checkpoint=str(trained_checkpoint), out=str(tmp_path / "pairs3"), samples=3, answers=3,
+                         temperature=1e-4))
+    reader3 = ShardReader(tmp_path / "pairs3")
+    assert [json.loads(reader3[i]["json"]) for i in range(len(reader3))] == metas
     # evaluate asks questions: pairs as its data (a DPO run's held-out split) are refused naming the way out
     from nemo_pixellm.evaluate import NoQuestions, question_jobs
     with pytest.raises(NoQuestions, match='record 0 has no "qa" questions .*give data=<VQA shards>'):
