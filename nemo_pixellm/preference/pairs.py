@@ -74,8 +74,9 @@ def build_pairs(args: PairArgs) -> dict:
     began, records, counts = time.perf_counter(), [], {"model": 0, "distractor": 0}
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
-        prompts = [prompt_from_sample(questions.sample(index, data_config.image_size, data_config.seq_length))
-                   for _, index, _ in batch for _ in range(args.answers)]
+        asked = [prompt_from_sample(questions.sample(index, data_config.image_size, data_config.seq_length))
+                 for _, index, _ in batch]
+        prompts = [prompt for prompt in asked for _ in range(args.answers)]  # each built once, asked K times
         seeds = [args.seed * 1_000_003 + (start + i) * args.answers + k for i in range(len(batch))
                  for k in range(args.answers)]  # answers=1: the seeds of one answer per question, as before
         answers = generate(model, prompts, tokenizer.eos_id, tokenizer.pad_id, args.max_new_tokens,
