@@ -189,9 +189,22 @@ def test_position_code_carries_every_token_s_place_whatever_the_tower_gives(visi
         projector.position_code = was
     assert max(accuracy[False]) < 0.4, accuracy  # chance is 0.25
     assert min(accuracy[True]) == 1.0, accuracy
-    code = tiling.view_position_code(4, 4, 64)
-    assert (code[:, :2, 48] > 0).all() and (code[:, 2:, 48] < 0).all()  # the slowest column cosine: left vs right
-    assert (code[:2, :, 16] > 0).all() and (code[2:, :, 16] < 0).all()  # the slowest row cosine: top vs bottom
+    code = tiling.view_position_code(4, 4, tiling.POSITION_CODE_CHANNELS)
+    assert (code[:, :2, 12] > 0).all() and (code[:, 2:, 12] < 0).all()  # the slowest column cosine: left vs right
+    assert (code[:2, :, 4] > 0).all() and (code[2:, :, 4] < 0).all()  # the slowest row cosine: top vs bottom
+
+
+def test_position_code_has_channels_of_its_own():
+    """The code replaces the last channels only (what a token shows stays whole in the others), at their RMS."""
+    g = torch.Generator().manual_seed(6)
+    views = torch.randn(3, 4, 4, 64, generator=g) * 5.0
+    out = tiling.with_position_code(views)
+    k = tiling.POSITION_CODE_CHANNELS
+    torch.testing.assert_close(out[..., :-k], views[..., :-k], rtol=0, atol=0)
+    rms = views[..., :-k].pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(out[..., -k:], tiling.view_position_code(4, 4, k) * rms)
+    with pytest.raises(ValueError, match="image_position_code=false"):
+        tiling.with_position_code(torch.randn(1, 4, 4, 32))
 
 
 def reference_tokens_small(cols: int, rows: int, s: int) -> int:

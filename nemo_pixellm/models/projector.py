@@ -2,9 +2,10 @@
 views are laid out as in ``nemo_pixellm.tiling`` (``image_token_sequence``): global view, learned view separator,
 local mosaic, with a learned newline embedding closing every token row.
 
-``position_code`` (the tiny variant) adds ``tiling.view_position_code`` at each token's own scale (``tiling.with_position_code``): a tower trained
-from scratch on captions loses its tokens' places (benchmarks/position_probe.py), and a fixed code cannot be
-trained away; a pretrained SigLIP keeps them in its features, so the real variants leave it off."""
+``position_code`` (the tiny variant) writes ``tiling.view_position_code`` into each token's last channels
+(``tiling.with_position_code``): a tower trained from scratch on captions loses its tokens' places
+(benchmarks/position_probe.py), and a fixed code cannot be trained away; a pretrained SigLIP keeps them in its
+features, so the real variants leave it off."""
 
 import torch
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
