@@ -52,8 +52,9 @@ LANGUAGE_MODELS = {"mla": TINY_LM, "gqa": GQA_LM}
 
 
 def model_sizes(kind: str, tokenizer) -> dict:
+    # the MLA model also carries the image position code (its own channels of each image token) through the export
     return dict(vocab_size=64, seq_length=256, image_token_id=tokenizer.image_id, **LANGUAGE_MODELS[kind],
-                **TINY_VISION_56)
+                **TINY_VISION_56, image_position_code=kind == "mla")
 
 
 @pytest.fixture(scope="module", params=list(LANGUAGE_MODELS))
