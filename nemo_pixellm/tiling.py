@@ -177,8 +177,8 @@ POSITION_CODE_CHANNELS = 16  # the last channels of an image token hold its plac
 def with_position_code(views: torch.Tensor) -> torch.Tensor:
     """Projected views [v, rows, cols, hidden] with their last ``POSITION_CODE_CHANNELS`` channels replaced by
     ``view_position_code`` at the RMS of the other channels (not differentiated): the place has channels of its
-    own, as loud as the features whatever scale the projector drifts to. Added over every channel at the token's
-    scale, the code drowned what a token shows (issue 20: colour answers 99% -> 45%, counts 100% -> 80%)."""
+    own, as loud as the features whatever scale the projector drifts to. Off in the tiny variant: with the code
+    (in these channels or added over all of them) the decoder's colour lookup did not form (README, issue 20)."""
     _, rows, cols, hidden = views.shape
     if hidden <= 2 * POSITION_CODE_CHANNELS:
         raise ValueError(f"image_position_code needs a hidden size above {2 * POSITION_CODE_CHANNELS} (its code takes "
