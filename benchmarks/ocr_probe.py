@@ -8,13 +8,12 @@ near chance, the decoder's mapping is what fails; if the probe cannot read it ei
 view size, the font) is. Chance is 1/30 (3.3 %). Same probe as ``position_probe.py`` (logistic regression, LBFGS).
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
-from position_probe import PROBE_SEED, fit_probe, token_features  # enables the compat layer first
+from position_probe import PROBE_SEED, fit_probe, probe_arguments, token_features  # enables the compat layer first
 
 from nemo_pixellm.data.synthetic import WORDS, render_scene
 from nemo_pixellm.evaluate import load
@@ -50,11 +49,7 @@ def probe_checkpoint(checkpoint: Path, train: int, test: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", type=Path, nargs="+")
-    parser.add_argument("--train", type=int, default=900, help="one-line OCR images that fit the probe")
-    parser.add_argument("--test", type=int, default=300, help="other such images that score it")
-    args = parser.parse_args()
+    args = probe_arguments(__doc__, 900, 300, "one-line OCR images")
     results = [probe_checkpoint(c, args.train, args.test) for c in args.checkpoints]
     print(f"\nlinear probe of the word ({len(WORDS)} classes, chance {1 / len(WORDS):.1%}) from one-line OCR "
           "images' tokens, projector output")

@@ -101,12 +101,17 @@ def probe_checkpoint(checkpoint: Path, train: int, test: int) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def probe_arguments(doc: str, train: int, test: int, images: str) -> argparse.Namespace:
+    """A probe benchmark's command line: checkpoints, --train / --test image counts."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", type=Path, nargs="+")
-    parser.add_argument("--train", type=int, default=300, help="scenes whose tokens fit the probe")
-    parser.add_argument("--test", type=int, default=200, help="other scenes whose tokens score it")
-    args = parser.parse_args()
+    parser.add_argument("--train", type=int, default=train, help=f"{images} whose tokens fit the probe")
+    parser.add_argument("--test", type=int, default=test, help=f"other {images} whose tokens score it")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = probe_arguments(__doc__, 300, 200, "scenes")
     results = [probe_checkpoint(c, args.train, args.test) for c in args.checkpoints]
     print(f"\nlinear probe of each image token's place in the {GRID}x{GRID} grid, projector output, held-out scenes "
           f"(chance 25%)")
