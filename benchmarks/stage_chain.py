@@ -1,6 +1,6 @@
 """The tiny variant through stages 1 -> 1.5 -> 2 -> 3 on 2 CPU cores, with held-out VQA beside its baselines.
 
-    .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 150 250 1200 4000] [--samples 200]
+    .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 150 250 2000 3400] [--samples 200]
         [--seeds 1 2 3] [training overrides for every stage, e.g. model.kv_lora_rank=32]
 
 Runs ``nemo_pixellm.pipeline`` with the recipe below (40,000 training images: with 4,000 the 5,000 stage-3
@@ -207,7 +207,7 @@ def plot(roots: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "stage_chain")
-    parser.add_argument("--steps", type=int, nargs=4, default=[150, 250, 1200, 4000])
+    parser.add_argument("--steps", type=int, nargs=4, default=[150, 250, 2000, 3400])
     parser.add_argument("--samples", type=int, default=200, help="held-out images (all their questions)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one chain per seed (rng.seed)")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the chain already under --root")
