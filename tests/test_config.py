@@ -154,6 +154,8 @@ BAD_CONFIGS = [
     (["model.multi_latent_attention=false", "+model.no_rope_freq=3"], r"model.no_rope_freq=3 \(one layer in 3 without "
      r"RoPE\) does not divide the 2 layers"),
     (["stage.trainable=[projector,vision]"], r"stage.trainable names \['vision'\]: choose from vision_model"),
+    (["model.image_position_code=true", "model.hidden_size=32"], "model.image_position_code=true writes each image "
+     r"token's place into its last 16 channels and needs model.hidden_size above 32 \(it is 32\)"),
     (["checkpoint.load={d}/none"], "checkpoint.load=.*none does not exist: give a checkpoint.save directory"),
     (["+model.language_pretrained_path={d}/empty"], r"model.language_pretrained_path=.*empty is not a Hugging Face "
      r"DeepseekV3ForCausalLM / LlamaForCausalLM directory \(no config.json there\)"),

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from nemo_pixellm.models.backend import resolve_use_te
+from nemo_pixellm.tiling import POSITION_CODE_CHANNELS
 
 
 class ConfigError(ValueError):
@@ -163,6 +164,10 @@ def validate_run(cfg, container) -> None:
         if m.attention_chunk_size and resolve_use_te(m.use_te):
             raise ConfigError("model.attention_chunk_size: chunked attention runs on the local backend only "
                               "(Transformer Engine has no chunked mask here): set model.use_te=false")
+    if m.image_position_code and m.hidden_size <= 2 * POSITION_CODE_CHANNELS:
+        raise ConfigError(f"model.image_position_code=true writes each image token's place into its last "
+                          f"{POSITION_CODE_CHANNELS} channels and needs model.hidden_size above "
+                          f"{2 * POSITION_CODE_CHANNELS} (it is {m.hidden_size}): set model.image_position_code=false")
     if container.ddp.use_distributed_optimizer != container.optimizer.use_distributed_optimizer:
         raise ConfigError("ddp.use_distributed_optimizer and optimizer.use_distributed_optimizer differ: set "
                           "optimizer.use_distributed_optimizer only (conf/config.yaml passes it on to ddp)")
