@@ -2,6 +2,7 @@
 
     python -m nemo_pixellm.pipeline stages=[stage1,stage1_5,stage2,stage3] root=runs/chain \
         [steps=[200,200,400,400]] [eval_samples=200] [any training override, e.g. ema.enabled=true]
+        [<stage>:<override> for that stage only, e.g. stage2:stage.vision_lr_mult=0.1]
 
 Every stage is a ``python -m nemo_pixellm.train`` process with its own stage config (data, frozen set,
 learning rate, schedule) plus ``train.train_iters``/``scheduler.lr_decay_iters`` from ``steps`` and every
@@ -29,10 +30,26 @@ def final_loss(run_dir: Path) -> float:
     return json.loads(rows[-1])["loss"]
 
 
+def split_stage_overrides(stages: list[str], extra: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Overrides for every stage, and those written ``<stage>:<override>`` for that stage alone."""
+    common, own = [], {name: [] for name in stages}
+    for override in extra:
+        name, sep, rest = override.partition(":")
+        if not sep or "=" in name:  # a value may hold ':' (e.g. a path); a stage prefix comes before any '='
+            common.append(override)
+        elif name in own:
+            own[name].append(rest)
+        else:
+            raise SystemExit(f"error: {override} names stage '{name}', which is not in this chain ({', '.join(stages)})")
+    return common, own
+
+
 def run(stages: list[str], root: Path, steps: list[int], extra: list[str], eval_samples: int) -> list[dict]:
     if len(steps) != len(stages):
         raise SystemExit(f"error: steps has {len(steps)} entries for {len(stages)} stages")
-    per_stage = [[f"train.train_iters={n}", f"scheduler.lr_decay_iters={n}"] for n in steps]
+    extra, own = split_stage_overrides(stages, extra)
+    per_stage = [[f"train.train_iters={n}", f"scheduler.lr_decay_iters={n}", *own[name]]
+                 for name, n in zip(stages, steps)]
     try:
         plan = plan_chain(stages, root, extra, per_stage, where="root")
     except ValueError as error:  # ConfigError

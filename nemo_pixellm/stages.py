@@ -40,7 +40,7 @@ def plan_chain(names: list[str], root, common: list[str], per_stage: list[list[s
     own; ``resume``: each stage also resumes from its own checkpoints (a requeued Slurm job)."""
     from nemo_pixellm.training.validate import ConfigError  # here: `pipeline` starts without Megatron
 
-    for override in common:
+    for override in [*common, *(o for own in per_stage or [] for o in own)]:
         if key(override) in OWNED_KEYS:
             raise ConfigError(f"{key(override)} is set per stage under {where}; drop it, or choose another root")
         if key(override) == "stage":

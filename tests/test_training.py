@@ -194,3 +194,23 @@ def test_vision_lr_mult_scales_the_towers_learning_rate_alone(cache_dir, tmp_pat
         torch.testing.assert_close(moves[0.1][k], 0.1 * moves[1.0][k], rtol=1e-4, atol=1e-7, msg=lambda m: f"{k}: {m}")
     for k in others:
         torch.testing.assert_close(moves[0.1][k], moves[1.0][k], rtol=1e-4, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+def test_pipeline_sends_a_stage_prefixed_override_to_that_stage_only(tmp_path):
+    """`stage2:stage.vision_lr_mult=0.1` reaches stage 2's command line alone; the others get what has no prefix;
+    a stage not in the chain and a key the chain sets per stage are refused by name."""
+    from nemo_pixellm.pipeline import split_stage_overrides
+    from nemo_pixellm.stages import plan_chain
+    from nemo_pixellm.training.validate import ConfigError
+
+    stages = ["stage1", "stage2", "stage3"]
+    extra = ["ema.enabled=true", "stage2:stage.vision_lr_mult=0.1", "dataset.path=s3:bucket/x"]
+    common, own = split_stage_overrides(stages, extra)
+    assert common == ["ema.enabled=true", "dataset.path=s3:bucket/x"]  # a ':' inside a value is no prefix
+    plan = plan_chain(stages, tmp_path, common, [own[s] for s in stages])
+    assert [("stage.vision_lr_mult=0.1" in run.overrides) for run in plan] == [False, True, False]
+    assert all("ema.enabled=true" in run.overrides for run in plan)
+    with pytest.raises(SystemExit, match="names stage 'stage4', which is not in this chain"):
+        split_stage_overrides(stages, ["stage4:stage.algorithm=dpo"])
+    with pytest.raises(ConfigError, match="checkpoint.save is set per stage"):
+        plan_chain(stages, tmp_path, [], [[], [f"checkpoint.save={tmp_path}"], []])
