@@ -1,7 +1,7 @@
 """The tiny variant through stages 1 -> 1.5 -> 2 -> 3 on 2 CPU cores, with held-out VQA beside its baselines.
 
     .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 150 250 2000 3400] [--samples 200]
-        [--seeds 1 2 3] [training overrides for every stage, e.g. model.kv_lora_rank=32]
+        [--seeds 1 2 3] [training overrides for every stage, e.g. model.kv_lora_rank=32, or stage2:<override> for one]
 
 Runs ``nemo_pixellm.pipeline`` with the recipe below (40,000 training images: with 4,000 the 5,000 stage-3
 steps memorise them; 112-pixel views: one LM token per cell of the scenes' 4x4 grid; packing: a conversation
@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from nemo_pixellm.pipeline import split_stage_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["dataset.synthetic_train_samples=40000", "dataset.image_size=112", "model.vision_image_size=112",
@@ -61,10 +63,12 @@ def run_chain(root: Path, steps: list[int], samples: int, recipe: list[str], eva
     The untrained model (one step at learning rate 0) comes first: it builds the data sets into the cache,
     which the chain's wall time then leaves out (data preparation, as data_prep is for real data)."""
     untrained = root / "untrained"
+    common, own = split_stage_overrides(list(STAGES), recipe)  # the baseline is a stage-3 run
     if not (evaluate_only and (untrained / "checkpoints").is_dir()):
         subprocess.run([sys.executable, "-m", "nemo_pixellm.train", "+stage=stage3", f"run_dir={untrained}",
                         f"checkpoint.save={untrained / 'checkpoints'}", "train.train_iters=1", "optimizer.lr=0",
-                        "optimizer.min_lr=0", "vqa_eval.interval=null", "dataset.text_ratio=0.3", *recipe],
+                        "optimizer.min_lr=0", "vqa_eval.interval=null", "dataset.text_ratio=0.3", *common,
+                        *own["stage3"]],
                        check=True, cwd=ROOT, capture_output=True)
     start = time.time()
     if not evaluate_only:
