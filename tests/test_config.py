@@ -134,6 +134,9 @@ BAD_CONFIGS = [
     (["dataset.valid_path={d}/captions"], "dataset.valid_path is used with dataset.path only"),
     (["dataset.text_ratio=1.5"], r"dataset.text_ratio=1.5: give the text-only share of tokens in \[0, 1\)"),
     (["dataset.max_bad_fraction=1"], "dataset.max_bad_fraction=1: give a share in"),
+    (["dataset.chat_ratio=1"], r"dataset.chat_ratio=1: give the conversations' share of the vision-language "
+     r"tokens in \[0, 1\)"),
+    (["dataset.task=chat", "dataset.chat_ratio=0.3"], "dataset.task=chat has none to mix: set dataset.chat_ratio=0"),
     (["+model.vision_patch_size=16"], "model.vision_patch_size is set from dataset.patch_size"),
     (["+model.image_token_id=3"], "model.image_token_id is set from the tokenizer"),
     (["mixed_precision=bf16_with_fp8_delayed_scaling_mixed", "model.use_te=false"], "FP8 .* runs through "

@@ -129,6 +129,29 @@ def test_mixing_hits_the_token_share(shards, tokenizer):
     assert sum(k.startswith("text_") for k in keys) >= 1 and sum(not k.startswith("text_") for k in keys) >= 1
 
 
+def test_chat_ratio_mixes_the_images_conversations_into_captions(shards, tokenizer, cache_dir):
+    """dataset.chat_ratio=0.3 beside text_ratio=0.3: captions, conversations of the same records and text at
+    0.49 : 0.21 : 0.3 of the tokens; a conversation sample carries loss on its answers only."""
+    from nemo_pixellm.data.provider import PixelLMDataConfig
+    from nemo_pixellm.data.sources import train_dataset
+
+    config = PixelLMDataConfig(path=str(shards / "vl"), text_path=str(shards / "text"), text_ratio=0.3,
+                               chat_ratio=0.3, seq_length=160, image_size=56, max_tiles=1, seed=5,
+                               cache_dir=str(cache_dir))
+    data = train_dataset(config, tokenizer, 2000)
+    assert [s.task for s in data.sources] == ["caption", "chat", "text"]
+    tokens = [0, 0, 0]
+    for members in plan(data, 500):
+        for source, index in members:
+            tokens[source] += min(data._sample(source, index, 56).num_tokens, 160)
+    shares = [t / sum(tokens) for t in tokens]
+    print(f"caption : chat : text token shares {shares[0]:.3f} : {shares[1]:.3f} : {shares[2]:.3f}")
+    assert all(abs(a - b) < 0.02 for a, b in zip(shares, [0.49, 0.21, 0.3]))
+    chat = next(data[i] for i in range(40) if any(m.source == 1 for m in data[i]["samples"]))
+    answers = tokenizer.decode(chat["labels"][chat["loss_mask"] > 0].tolist())
+    assert "?" not in answers and "<|user|>" not in answers  # loss on the assistant's turns alone
+
+
 def test_resume_reaches_its_position_from_the_cached_plan(shards, tokenizer, tmp_path):
     """A resumed run starts from the cached start of its block of the plan instead of replaying every
     sequence before it; the members are the in-order run's, and a corrupt or foreign cache changes nothing."""

@@ -25,6 +25,8 @@ class PixelLMDataConfig(DatasetProvider):
     global_batch_size: int = 1  # set from train.global_batch_size: the schedule's step = sample index // this
     text_path: str | None = None  # text-only shards (json {"text"}); None with path=None: synthetic text
     text_ratio: float = 0.0  # share of training tokens from text_path (stage 2: 0.3, i.e. 70:30)
+    chat_ratio: float = 0.0  # share of the vision-language tokens from the same images' conversations (task chat),
+    #                          e.g. VQA mixed into stage 2's captions as DeepSeek-VL2's pretraining does
     pack: bool = False  # several samples per sequence, attention isolated between them
     cache_dir: str | None = None
     synthetic_train_samples: int = 4000

@@ -143,7 +143,11 @@ def train_dataset(config, tokenizer, num_sequences: int):
 
         return PreferencePairs(_samples(config, train_path, tokenizer, "preference"), num_sequences,
                                config.image_size, config.seq_length, config.seed)
-    sources, shares = [_samples(config, train_path, tokenizer, config.task)], [1.0 - config.text_ratio]
+    image_share = 1.0 - config.text_ratio
+    sources, shares = [_samples(config, train_path, tokenizer, config.task)], [image_share * (1.0 - config.chat_ratio)]
+    if config.chat_ratio > 0:  # the same records read a second way: their conversations
+        sources.append(_samples(config, train_path, tokenizer, "chat"))
+        shares.append(image_share * config.chat_ratio)
     if config.text_ratio > 0:
         text_path = config.text_path or (
             ensure_synthetic_text(cache_dir(config), config.synthetic_text_samples, config.seed + 2)

@@ -77,6 +77,12 @@ def validate_data(data) -> None:
         raise ConfigError(f"dataset.task={data.task}: choose one of {', '.join(TASKS)}")
     if not 0.0 <= data.text_ratio < 1.0:
         raise ConfigError(f"dataset.text_ratio={data.text_ratio}: give the text-only share of tokens in [0, 1)")
+    if not 0.0 <= data.chat_ratio < 1.0:
+        raise ConfigError(f"dataset.chat_ratio={data.chat_ratio}: give the conversations' share of the "
+                          "vision-language tokens in [0, 1)")
+    if data.chat_ratio > 0 and data.task not in ("caption", "vqa"):
+        raise ConfigError(f"dataset.chat_ratio={data.chat_ratio} mixes the images' conversations into a caption or "
+                          f"vqa stage; dataset.task={data.task} has none to mix: set dataset.chat_ratio=0")
     if not 0.0 <= data.max_bad_fraction < 1.0:
         raise ConfigError(f"dataset.max_bad_fraction={data.max_bad_fraction}: give a share in [0, 1) "
                           "(0 stops at the first bad record)")
@@ -96,6 +102,8 @@ def validate_data(data) -> None:
                               "held-out split): set dataset.path too, or drop dataset.valid_path")
         return
     _check_shards(data.path, "dataset.path", data.task)
+    if data.chat_ratio > 0:
+        _check_shards(data.path, "dataset.path", "chat")
     if data.valid_path is not None:
         _check_shards(data.valid_path, "dataset.valid_path", data.task)
     if data.text_ratio > 0:
