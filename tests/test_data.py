@@ -97,6 +97,15 @@ def test_packed_equals_unpacked(shards, tokenizer, model):
         assert first["loss_mask"][end - 1] == 0
 
 
+def token_shares(data: TrainingSequences, count: int | None = None) -> list[float]:
+    """Each source's share of the tokens in the first ``count`` sequences of the plan (56-pixel views)."""
+    tokens = [0] * len(data.sources)
+    for members in plan(data, count):
+        for source, index in members:
+            tokens[source] += min(data._sample(source, index, 56).num_tokens, data.seq_length)
+    return [t / sum(tokens) for t in tokens]
+
+
 def test_packing_efficiency(shards, tokenizer):
     for pack in (False, True):
         data = TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 16, 56, pack=pack, seed=3)
@@ -109,12 +118,8 @@ def test_packing_efficiency(shards, tokenizer):
 def test_mixing_hits_the_token_share(shards, tokenizer):
     """Stage 2's 70:30 vision-language : text, measured in tokens over 1000 batches of 4."""
     data = TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 4000, 56, seed=5)
-    tokens = [0, 0]
-    for members in plan(data):
-        for source, index in members:
-            tokens[source] += min(data._sample(source, index, 56).num_tokens, 160)
-    share = tokens[0] / sum(tokens)
-    print(f"vision-language share {share:.4f} over 1000 batches ({sum(tokens)} tokens)")
+    share = token_shares(data)[0]
+    print(f"vision-language share {share:.4f} over 1000 batches")
     assert abs(share - 0.7) < 0.02
     # Deterministic by seed, and a different seed gives a different order.
     assert plan(TrainingSequences(sources(shards, tokenizer), [0.7, 0.3], tokenizer, 160, 50, 56, seed=5)) == plan(data, 50)
@@ -140,11 +145,7 @@ def test_chat_ratio_mixes_the_images_conversations_into_captions(shards, tokeniz
                                cache_dir=str(cache_dir))
     data = train_dataset(config, tokenizer, 2000)
     assert [s.task for s in data.sources] == ["caption", "chat", "text"]
-    tokens = [0, 0, 0]
-    for members in plan(data, 500):
-        for source, index in members:
-            tokens[source] += min(data._sample(source, index, 56).num_tokens, 160)
-    shares = [t / sum(tokens) for t in tokens]
+    shares = token_shares(data, 500)
     print(f"caption : chat : text token shares {shares[0]:.3f} : {shares[1]:.3f} : {shares[2]:.3f}")
     assert all(abs(a - b) < 0.02 for a, b in zip(shares, [0.49, 0.21, 0.3]))
     chat = next(data[i] for i in range(40) if any(m.source == 1 for m in data[i]["samples"]))
