@@ -1,4 +1,4 @@
-"""Packed sequences as THD (Megatron's PackedSeqParams: attention per sample) against the dense block-diagonal mask
+"""Packed sequences as THD (Megatron's PackedSeqParams: attention within each sample) against the dense block-diagonal mask
 they replaced: peak memory and time of one forward + backward of a packed row, and the per-token losses of both.
 
     .venv/bin/python benchmarks/packing_memory.py [--tokens 4096] [--samples 16] [--repeats 3]

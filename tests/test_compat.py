@@ -65,6 +65,8 @@ def test_enable_applies_exactly_the_listed_patches():
         "listed = {p.target for p in patches}",
         "assert changed == {t for t in listed if t.rsplit('.', 1)[0] in spaces}, sorted(changed ^ listed)",
         "assert os.environ['TORCHDYNAMO_DISABLE'] == '1' and 'os.environ[TORCHDYNAMO_DISABLE]' in listed",
+        "import importlib.metadata",
+        "assert importlib.metadata.packages_distributions() is importlib.metadata.packages_distributions()  # built once",
         "import importlib, megatron.bridge  # without Transformer Engine",
         "from megatron.bridge.training import setup  # loads initialize too",
         "from megatron.bridge.training.pretrain import pretrain",

@@ -108,6 +108,10 @@ PATCHES: tuple[Patch, ...] = (
           "it logs a traceback at INFO for every TE symbol it probes", "Bridge: log absent optional symbols at DEBUG"),
     Patch("warnings:pynvml", ALWAYS, "torch.cuda imports the deprecated pynvml shim Megatron's dependencies pull in",
           "nvidia-ml-py replaces pynvml in Megatron's dependencies"),
+    Patch("importlib.metadata.packages_distributions", ALWAYS,
+          "transformers, trl and diffusers (loaded by Bridge through modelopt) each map every installed file at "
+          "import: ~1 s each, three times in every process; cached, the map is built once",
+          "transformers / trl / diffusers: build the map lazily (or share one)"),
 )
 
 # Private names the plugin reads or writes without patching them.
@@ -167,6 +171,7 @@ def enable(quiet: bool = False, entry_point: bool = False) -> list[Patch]:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     cpu.filter_pynvml_warning()
+    _cache_package_map()
     if no_cuda:
         cpu.install()
     megatron.install(no_cuda=no_cuda, no_te=no_te)
@@ -179,6 +184,13 @@ def enable(quiet: bool = False, entry_point: bool = False) -> list[Patch]:
               f"{', torch ' + PINNED_CPU['torch'] if no_cuda else ''}; listed in nemo_pixellm/compat)"
               + (f"; UNPINNED: {'; '.join(unpinned)}" if unpinned else ""), file=sys.stderr, flush=True)
     return patches
+
+
+def _cache_package_map() -> None:
+    import functools
+    import importlib.metadata
+
+    importlib.metadata.packages_distributions = functools.cache(importlib.metadata.packages_distributions)
 
 
 def applied() -> list[Patch]:

@@ -4,9 +4,12 @@ Megatron-Core's local DotProductAttention has no k_channels / v_channels, so MLA
 v head dim 128 in PixelLM) cannot use it; this module fills the same spec slot with the same interface, and
 serves grouped-query attention too (fewer key / value heads than query heads).
 
-Packed sequences arrive as TE takes them: THD ([tokens, heads, dim], ``packed_seq_params.cu_seqlens_q``);
-each segment is attended on its own with causal SDPA (torch's nested-tensor SDPA dispatches to CUDA on a
-CPU build), so memory grows with the longest segment, not as the square of the packed length.
+Packed sequences arrive as TE takes them: THD ([tokens, heads, dim], ``packed_seq_params.cu_seqlens_q``).
+The segments are attended as batches of segments of similar length (lengths up to each power of two, padded
+to the batch's longest and masked), one SDPA call per batch: memory and work grow with the segments' lengths,
+not as the square of the packed length, and a micro-batch of ~100 short samples costs a handful of calls
+instead of one per sample (torch's nested-tensor SDPA, which would take the segments as they are, dispatches
+to CUDA on a CPU build).
 """
 
 import contextlib
@@ -73,12 +76,26 @@ class SDPACoreAttention(MegatronModule):
         if packed_seq_params.qkv_format != "thd" or not torch.equal(packed_seq_params.cu_seqlens_q,
                                                                     packed_seq_params.cu_seqlens_kv):
             raise NotImplementedError("the local backend packs self-attention as THD with cu_seqlens_q == _kv")
-        bounds = packed_seq_params.cu_seqlens_q.tolist()
-        if bounds[-1] != query.shape[0]:
-            raise ValueError(f"cu_seqlens_q ends at {bounds[-1]} but the packed sequence has {query.shape[0]} tokens")
-        out = [self._attend(*(t[start:end].unsqueeze(1) for t in (query, key, value)), None, AttnMaskType.causal)
-               for start, end in zip(bounds, bounds[1:])]
-        return torch.cat(out).squeeze(1)
+        bounds = packed_seq_params.cu_seqlens_q.to(query.device, torch.long)
+        if int(bounds[-1]) != query.shape[0]:
+            raise ValueError(f"cu_seqlens_q ends at {int(bounds[-1])} but the packed sequence has {query.shape[0]} tokens")
+        starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+        groups = torch.frexp((lengths - 1).clamp(min=1).double())[1]  # segments of length in (2^(g-1), 2^g]
+        tokens, outputs = [], []
+        for group in groups.unique().tolist():
+            chosen = (groups == group).nonzero().squeeze(1)
+            width = int(lengths[chosen].max())
+            offsets = torch.arange(width, device=query.device)
+            real = offsets < lengths[chosen, None]  # [segments, width]
+            index = torch.where(real, starts[chosen, None] + offsets, starts[chosen, None])  # padding reads slot 0
+            inputs = (t[index.t()] for t in (query, key, value))  # [width, segments, heads, dim]
+            # Megatron's mask convention (True = masked out): later keys and padding keys
+            masked = None if bool(real.all()) else ~(real[:, None, None, :] & torch.ones(
+                width, width, dtype=torch.bool, device=query.device).tril())
+            out = self._attend(*inputs, masked, AttnMaskType.causal)  # [width, segments, heads * v_dim]
+            tokens.append(index.t()[real.t()])
+            outputs.append(out[real.t()])
+        return torch.cat(outputs)[torch.cat(tokens).argsort()]
 
     def _attend(self, query, key, value, attention_mask, mask_type) -> torch.Tensor:
         """[s, b, heads, dim] -> [s, b, heads * v_dim]."""
