@@ -179,10 +179,18 @@ def plot(roots: dict, path: Path) -> None:
     for seed, (losses, _, _) in curves.items():
         ax_loss.plot([s for s, _ in losses], smooth([v for _, v in losses]), lw=1,
                      label="loss" if seed is None else f"seed {seed}")
-    starts = next(iter(curves.values()))[2]
+    losses, _, starts = next(iter(curves.values()))
+    # stages starting within 3% of the chain's length of each other share one label (short stages 1 and 1.5)
+    labels, near = [], 0.03 * max((s for s, _ in losses), default=1)
+    for step, name in starts:
+        if labels and step - labels[-1][0] < near:
+            labels[-1] = (step, f"{labels[-1][1]} / {name}")
+        else:
+            labels.append((step, name))
     for ax in (ax_loss, ax_acc):
-        for step, name in starts:
+        for step, _ in starts:
             ax.axvline(step, color="grey", lw=0.6, ls=":")
+        for step, name in labels:
             ax.text(step, 0.98, f"{name} ", transform=ax.get_xaxis_transform(), va="top", ha="right", rotation=90,
                     fontsize=7, color="grey")
     ax_loss.set(xlabel="training step through the chain", ylabel="training loss (mean of 50 steps)", yscale="log",
