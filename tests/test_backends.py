@@ -248,3 +248,34 @@ def test_fp8_reaches_the_language_model_only_unless_asked():
     shared = PixelLMProvider(num_layers=2, hidden_size=64, num_attention_heads=4, fp8_vision=True, **fp8)
     for config in (shared.vision_config(), shared.projector_config()):
         assert all(getattr(config, key) == getattr(shared, key) for key in FP8_KEYS) and config.fp8 == "hybrid"
+
+
+def test_packed_attention_equals_softmax_attention_per_sample(megatron_single_process):
+    """The local backend's THD attention (samples batched by length class, padded and masked) gives every token
+    what plain causal softmax attention within its own sample gives, values and gradients, for samples of mixed
+    lengths: length 1, lengths sharing a class with padding, a class whose samples are all of one length."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    model = tiny_model(megatron_single_process, seed=3)
+    attention = model.language_model.decoder.layers[0].self_attention.core_attention
+    lengths = [1, 2, 5, 7, 8, 3, 16, 9, 1, 12, 12]
+    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    tokens, heads, qk, v = int(bounds[-1]), 4, 32, 16
+    generator = torch.Generator().manual_seed(0)
+    q, k, value = (torch.randn(tokens, heads, d, generator=generator, requires_grad=True) for d in (qk, qk, v))
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
+                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    ours = attention(q, k, value, None, packed_seq_params=params)  # [tokens, heads * v]
+    expected = []
+    for start, end in zip(bounds.tolist(), bounds[1:].tolist()):
+        scores = torch.einsum("qhd,khd->hqk", q[start:end], k[start:end]) * attention.softmax_scale
+        later = torch.ones(end - start, end - start, dtype=torch.bool).triu(1)
+        weights = scores.masked_fill(later, float("-inf")).softmax(-1)
+        expected.append(torch.einsum("hqk,khd->qhd", weights, value[start:end]).reshape(end - start, heads * v))
+    expected = torch.cat(expected)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(ours.shape, generator=generator)
+    grads = torch.autograd.grad((ours * upstream).sum(), (q, k, value))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (q, k, value))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

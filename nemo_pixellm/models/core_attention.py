@@ -6,10 +6,10 @@ serves grouped-query attention too (fewer key / value heads than query heads).
 
 Packed sequences arrive as TE takes them: THD ([tokens, heads, dim], ``packed_seq_params.cu_seqlens_q``).
 The segments are attended as batches of segments of similar length (lengths up to each power of two, padded
-to the batch's longest and masked), one SDPA call per batch: memory and work grow with the segments' lengths,
-not as the square of the packed length, and a micro-batch of ~100 short samples costs a handful of calls
-instead of one per sample (torch's nested-tensor SDPA, which would take the segments as they are, dispatches
-to CUDA on a CPU build).
+at the end to the batch's longest: causal attention keeps the padding from the real tokens), one SDPA call per
+batch: memory and work grow with the segments' lengths, not as the square of the packed length, and a
+micro-batch of ~100 short samples costs a handful of calls instead of one per sample (torch's nested-tensor
+SDPA, which would take the segments as they are, dispatches to CUDA on a CPU build).
 """
 
 import contextlib
@@ -89,10 +89,8 @@ class SDPACoreAttention(MegatronModule):
             real = offsets < lengths[chosen, None]  # [segments, width]
             index = torch.where(real, starts[chosen, None] + offsets, starts[chosen, None])  # padding reads slot 0
             inputs = (t[index.t()] for t in (query, key, value))  # [width, segments, heads, dim]
-            # Megatron's mask convention (True = masked out): later keys and padding keys
-            masked = None if bool(real.all()) else ~(real[:, None, None, :] & torch.ones(
-                width, width, dtype=torch.bool, device=query.device).tril())
-            out = self._attend(*inputs, masked, AttnMaskType.causal)  # [width, segments, heads * v_dim]
+            # The padding follows each sample's tokens, so causal attention keeps it from them; its rows are dropped.
+            out = self._attend(*inputs, None, AttnMaskType.causal)  # [width, segments, heads * v_dim]
             tokens.append(index.t()[real.t()])
             outputs.append(out[real.t()])
         return torch.cat(outputs)[torch.cat(tokens).argsort()]
