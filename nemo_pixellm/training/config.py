@@ -150,6 +150,8 @@ def build_config(cfg: DictConfig, world_size: int | None = None, init_from_pendi
     cpu = not torch.cuda.is_available()
     if cpu:
         model.disable_cuda_fusions()
+    if dataset.num_workers is None:  # a data worker helps only with a core of its own: on CPUs the step's threads
+        dataset.num_workers = 0 if cpu else 2  # use every core (2 cores: 76 ms per tiny stage-2 step vs 95 with one)
 
     dist_values = sections["dist"]
     if dist_values.get("distributed_backend") is None:
