@@ -1,6 +1,7 @@
 """Config composition and the errors a user gets before any training starts."""
 
 import pytest
+import torch
 
 from nemo_pixellm.training.config import build_config
 from nemo_pixellm.training.validate import ConfigError
@@ -49,6 +50,16 @@ def test_tiny_default_builds_a_bridge_container():
     assert container.model.vocab_size % 256 == 0 and container.model.image_token_id >= 0
     assert container.dist.distributed_backend == "gloo"
     assert container.dataset.task == "caption"
+
+
+def test_data_workers_follow_the_device(monkeypatch):
+    """dataset.num_workers=null: none on CPUs (a worker would only take cores from the step), 2 on GPUs; a
+    number given is kept."""
+    assert build_config(compose_cfg(["+stage=stage2"]), world_size=1).dataset.num_workers == 0
+    assert build_config(compose_cfg(["+stage=stage2", "dataset.num_workers=3"]), world_size=1).dataset.num_workers == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu = build_config(compose_cfg(["+stage=stage2"]), world_size=1)
+    assert (on_gpu.dataset.num_workers, on_gpu.dist.distributed_backend) == (2, "nccl")
 
 
 def test_a_run_names_the_synthetic_bpe_it_learned(cache_dir, monkeypatch):
