@@ -251,7 +251,7 @@ def test_fp8_reaches_the_language_model_only_unless_asked():
 
 
 def test_packed_attention_equals_softmax_attention_per_sample(megatron_single_process):
-    """The local backend's THD attention (samples batched by length class, padded and masked) gives every token
+    """The local backend's THD attention (samples batched by length class, padded at their ends) gives every token
     what plain causal softmax attention within its own sample gives, values and gradients, for samples of mixed
     lengths: length 1, lengths sharing a class with padding, a class whose samples are all of one length."""
     from megatron.core.packed_seq_params import PackedSeqParams
