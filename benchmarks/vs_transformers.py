@@ -7,7 +7,7 @@ Prints per case the medians, the median of the pairwise time ratios (plugin / tr
 whether both decoded the same greedy tokens, and for the training steps the model FLOP/s against this
 machine's measured fp32 matmul peak. A training step is forward, backward and one AdamW step of the language
 model alone (same torch optimizer on both sides). ``entry`` compares the tiny VLM's stage-2 step through the
-real entry point (``python -m nemo_pixellm.train``: Bridge's loop, data workers, logging, callbacks) with the same
+real entry point (``python -m nemo_pixellm.train``: Bridge's loop, its data loader, logging, callbacks) with the same
 model's step in process (Bridge's setup, then only Megatron's forward-backward schedule and the optimizer step
 on micro-batches read beforehand), each in its own process. Run it alone on the machine.
 """
