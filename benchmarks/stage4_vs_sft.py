@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage_chain import RECIPE, TYPES, evaluate  # noqa: E402  (one recipe and one evaluation for both benchmarks)
+from stage_chain import RECIPE, STAGES, TYPES, evaluate  # noqa: E402  (one recipe and one evaluation for both benchmarks)
+
+from nemo_pixellm.pipeline import split_stage_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"sft": ["+stage=stage3"], "grpo": ["+stage=stage4", "stage.algorithm=grpo"],
@@ -36,9 +38,11 @@ AFTER_RECIPE = {"dpo": ["validation.eval_interval=25"]}
 
 def train_arm(name: str, start: Path, root: Path, minutes: float, overrides: list[str]) -> tuple[Path, float, str]:
     run_dir = root / name
+    common, own = split_stage_overrides(list(STAGES), RECIPE)  # the SFT arm continues stage 3 as the chain ran it
+    recipe = common + (own["stage3"] if name == "sft" else [])
     command = [sys.executable, "-m", "nemo_pixellm.train", *ARMS[name], f"stage.init_from={start}",
                f"run_dir={run_dir}", f"checkpoint.save={run_dir / 'checkpoints'}", "train.train_iters=1000000",
-               f"+train.exit_duration_in_mins={minutes}", "checkpoint.save_interval=1000000", *RECIPE,
+               f"+train.exit_duration_in_mins={minutes}", "checkpoint.save_interval=1000000", *recipe,
                "ema.enabled=false", *AFTER_RECIPE.get(name, []), *overrides]
     t0 = time.time()
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)

@@ -1,11 +1,13 @@
 """The tiny variant through stages 1 -> 1.5 -> 2 -> 3 on 2 CPU cores, with held-out VQA beside its baselines.
 
-    .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 150 250 2000 3400] [--samples 200]
+    .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 50 50 2000 4000] [--samples 200]
         [--seeds 1 2 3] [training overrides for every stage, e.g. model.kv_lora_rank=32, or stage2:<override> for one]
 
 Runs ``nemo_pixellm.pipeline`` with the recipe below (40,000 training images: with 4,000 the 5,000 stage-3
 steps memorise them; 112-pixel views: one LM token per cell of the scenes' 4x4 grid; packing: a conversation
-fills half of a 128-token sequence, a caption a third; global batch 32; EMA on),
+fills half of a 128-token sequence, a caption a third; global batch 32; EMA on; a 3-layer decoder (dense, MoE,
+MoE: with the tiny variant's 2 layers the colour lookup formed on one seed of three); conversations as 30% of
+stage 2; the tower at a tenth of stage 3's learning rate),
 then evaluates on the held-out split (never trained on):
 - the final checkpoint with EMA weights and with the raw weights (the same run);
 - the same checkpoint with every image blanked (the text-only baseline: what the question alone gives);
@@ -32,7 +34,9 @@ from nemo_pixellm.pipeline import split_stage_overrides
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["dataset.synthetic_train_samples=40000", "dataset.image_size=112", "model.vision_image_size=112",
           "dataset.pack=true", "train.global_batch_size=32", "train.micro_batch_size=32", "ema.enabled=true",
-          "validation.eval_interval=null", "logger.log_interval=100", "vqa_eval.interval=500", "vqa_eval.samples=40"]
+          "validation.eval_interval=null", "logger.log_interval=100", "vqa_eval.interval=500", "vqa_eval.samples=40",
+          "model.num_layers=3", "model.moe_layer_freq=[0,1,1]", "stage2:dataset.chat_ratio=0.3",
+          "stage3:stage.vision_lr_mult=0.1"]
 STAGES = ("stage1", "stage1_5", "stage2", "stage3")
 TYPES = ("count", "colour", "position", "relation", "ocr", "chart")
 ASKED = ("count", "colour", "position", "ocr")  # the issue's target: counting, colours, positions, short OCR
@@ -219,7 +223,7 @@ def plot(roots: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "stage_chain")
-    parser.add_argument("--steps", type=int, nargs=4, default=[150, 250, 2000, 3400])
+    parser.add_argument("--steps", type=int, nargs=4, default=[50, 50, 2000, 4000])
     parser.add_argument("--samples", type=int, default=200, help="held-out images (all their questions)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one chain per seed (rng.seed)")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the chain already under --root")
