@@ -88,12 +88,12 @@ def run_chain(root: Path, steps: list[int], samples: int, recipe: list[str], eva
         "untrained": evaluate(untrained / "checkpoints", samples),
     }
     answers = [json.loads(line) for line in (root / "heldout_answers.jsonl").read_text().splitlines()]
-    by_phrasing = {phrasing: share_right([a for a in answers if a["type"] == "position" and a["q"].startswith(starts)])
-                   for phrasing, starts in (("object mid-question", "Is the"), ("object last", ("Left or", "Top or")))}
+    by_axis = {axis: share_right([a for a in answers if a["type"] == "position" and a["a"] in words])
+               for axis, words in (("left/right", ("left", "right")), ("top/bottom", ("top", "bottom")))}
     by_object = {kind: share_right([a for a in answers if a["type"] == "colour" and colour_object(a["q"]) == kind])
                  for kind in ("shape", "bar", "text")}
     return {"chain_s": None if evaluate_only else round(chain_s, 1), "reports": {k: v["vqa"] for k, v in reports.items()},
-            "position_by_phrasing": by_phrasing, "colour_by_object": by_object}
+            "position_by_axis": by_axis, "colour_by_object": by_object}
 
 
 def table_row(name: str, vqa: dict) -> str:
@@ -122,8 +122,8 @@ def print_table(runs: dict, steps: list[int], samples: int) -> None:
                   "checkpointing; evaluation after)")
         for arm, vqa in run["reports"].items():
             print(table_row(label + arm, vqa))
-        print(f"{label}position questions (EMA) by phrasing: " + ", ".join(
-            f"{k} {v['accuracy']:.1%} of {v['n']}" for k, v in run["position_by_phrasing"].items()))
+        print(f"{label}position questions (EMA) by axis: " + ", ".join(
+            f"{k} {v['accuracy']:.1%} of {v['n']}" for k, v in run["position_by_axis"].items()))
         print(f"{label}colour questions (EMA) by object: " + ", ".join(
             f"{k} {v['accuracy']:.1%} of {v['n']}" for k, v in run.get("colour_by_object", {}).items()))
     if len(runs) > 1:

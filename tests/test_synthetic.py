@@ -124,9 +124,10 @@ def test_scene_answers_match_the_shapes_in_the_image(size):
                     assert WORD_NUMBERS[a] == sum(o["shape"] == m[1] for o in objects), (q, a)
             elif m := re.fullmatch(r"What colour (?:is|are) the (\w+?)s?\?", q):
                 assert {o["colour"] for o in objects if o["shape"] == m[1]} == {a}
-            elif m := re.fullmatch(r"Is the (\w+) (\w+) (?:on the left or the right|at the top or the bottom)\?", q):
+            elif m := re.fullmatch(r"(?:Which side is|On which side is|How high is|How high up is) the (\w+) (\w+)"
+                                   r"(?: on)?\?", q):
                 [ref] = [o for o in objects if (o["colour"], o["shape"]) == (m[1], m[2])]
-                horizontal = "left" in q
+                horizontal = "side" in q
                 centre = size[0] / 2 if horizontal else size[1] / 2
                 position = ref["x"] if horizontal else ref["y"]
                 expected = ("left" if position < centre else "right") if horizontal else \

@@ -147,13 +147,13 @@ def _shapes(rng: random.Random, width: int, height: int):
         qa.append({"type": "colour", "q": f"What colour {verb} the {noun}?", "a": colour})
     for ref in (o for o in objects if o["single"]):
         name = f"{ref['colour']} {ref['shape']}"
-        # Two phrasings: the object in mid-question, or last as in the colour and relation questions (a 2-layer
-        # decoder fetched the object's name only from the end of a question: position answers ignored the image).
+        # The question names no answer word: with "left or the right?" offered, the decoder copied an offered
+        # option instead of looking the object up (benchmarks/answer_attention.py). Two phrasings per axis.
         object_last = rng.random() < 0.5
-        qa.append({"type": "position", "q": f"Left or right: where is the {name}?" if object_last else
-                   f"Is the {name} on the left or the right?", "a": "left" if ref["col"] < 2 else "right"})
-        qa.append({"type": "position", "q": f"Top or bottom: where is the {name}?" if object_last else
-                   f"Is the {name} at the top or the bottom?", "a": "top" if ref["row"] < 2 else "bottom"})
+        qa.append({"type": "position", "q": f"On which side is the {name}?" if object_last else
+                   f"Which side is the {name} on?", "a": "left" if ref["col"] < 2 else "right"})
+        qa.append({"type": "position", "q": f"How high up is the {name}?" if object_last else
+                   f"How high is the {name}?", "a": "top" if ref["row"] < 2 else "bottom"})
         for phrase, holds in RELATIONS:
             others = [o for o in objects if o is not ref and holds(o, ref)]
             if len(others) == 1:
