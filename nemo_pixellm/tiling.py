@@ -231,15 +231,31 @@ def mrope_positions(blocks: list[Block], start: int = 0) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def mrope_axis_per_column(sections: tuple[int, ...], rope_dim: int, interleaved: bool = False) -> torch.Tensor:
+def mrope_axis_per_column(sections: tuple[int, ...], rope_dim: int, interleaved: bool = False,
+                           sections_interleaved: bool = False) -> torch.Tensor:
     """Which position axis (0 t, 1 h, 2 w) drives each column of Megatron's rope embedding
     (cat(freqs, freqs), also transformers' layout: column c rotates frequency pair c mod rope_dim/2; with
-    ``interleaved`` rotary pairs, LLaMA 4's, columns 2p and 2p + 1 rotate pair p). Cached: read, never written."""
+    ``interleaved`` rotary pairs, LLaMA 4's, columns 2p and 2p + 1 rotate pair p). Frequency pairs go to the axes
+    in ``sections`` chunks (Qwen2-VL: t t h h h w w w) or, with ``sections_interleaved``, alternate t h w t h w ..
+    (Qwen3-VL: each axis gets high and low frequencies). Cached: read, never written."""
     half = rope_dim // 2
     if sum(sections) != half:
         raise ValueError(f"mrope_section {sections} must sum to the rope half-dimension {half}")
-    axis = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
+    if sections_interleaved:
+        axis = torch.zeros(half, dtype=torch.long)
+        for dim, offset in ((1, 1), (2, 2)):  # Qwen3-VL's apply_interleaved_mrope: pairs offset, offset+3, ..
+            axis[offset:min(3 * sections[dim], half):3] = dim
+        if axis.bincount(minlength=3).tolist() != list(sections):
+            raise ValueError(f"interleaved mrope_section {list(sections)} is not what interleaving gives "
+                             f"{half} pairs: use one it gives, for example {interleaved_mrope_section(half)}")
+    else:
+        axis = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
     return axis.repeat_interleave(2) if interleaved else torch.cat([axis, axis])
+
+
+def interleaved_mrope_section(pairs: int) -> list[int]:
+    """The t / h / w pair counts of a full t h w t h w .. interleave of ``pairs`` frequency pairs."""
+    return [len(range(axis, pairs, 3)) for axis in range(3)]
 
 
 def _size(text: str) -> tuple[int, int]:

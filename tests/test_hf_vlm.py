@@ -44,10 +44,11 @@ REQUESTS = [("what colour is the square", [picture(90, 60, 1)]),  # 2 x 1 tiles
             ("what is the shape left", [picture(90, 60, 4), picture(40, 40, 5), picture(70, 30, 6)])]  # 3: untiled
 
 
-# PaliGemma-style: grouped-query attention with one key / value head, dense, tied embeddings, M-RoPE
+# PaliGemma-style: grouped-query attention with one key / value head, dense, tied embeddings, M-RoPE with its
+# frequency pairs interleaved t h w t h w .. (Qwen3-VL's; the MLA model keeps Qwen2-VL's chunks)
 GQA_LM = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, multi_latent_attention=False,
               num_query_groups=1, kv_channels=16, qk_layernorm=False, num_moe_experts=None, moe_layer_freq=1,
-              share_embeddings_and_output_weights=True, mrope_section=[2, 3, 3])
+              share_embeddings_and_output_weights=True, mrope_section=[3, 3, 2], mrope_interleaved=True)
 LANGUAGE_MODELS = {"mla": TINY_LM, "gqa": GQA_LM}
 
 

@@ -8,8 +8,12 @@ from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from transformers import Qwen2VLTextConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_multimodal_rotary_pos_emb
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb as qwen3_vl_rotary
 
 from nemo_pixellm.models.mla import RopeTable
+from nemo_pixellm.tiling import interleaved_mrope_section
 
 from conftest import TINY_LM, build_pixellm
 from test_hf_parity import SIZES, hf_model, pixellm_lm
@@ -44,6 +48,22 @@ def test_rotation_matches_qwen2_vl():
     expected, _ = apply_multimodal_rotary_pos_emb(q, q, cos, sin, SECTIONS)
     ours = _apply_rotary_pos_emb_bshd(q.permute(2, 0, 1, 3), emb)  # Megatron layout [s, b, heads, d]
     torch.testing.assert_close(ours.permute(1, 2, 0, 3), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_interleaved_rotation_matches_qwen3_vl():
+    """``mrope_interleaved``: frequency pairs alternate t h w (Qwen3-VL's layout), at an image grid's ids."""
+    g = torch.Generator().manual_seed(3)
+    ids, sections = image_ids(2, 40, g), interleaved_mrope_section(ROPE_DIM // 2)  # [11, 11, 10]
+    table = RopeTable(RotaryEmbedding(kv_channels=ROPE_DIM, rotary_percent=1.0, rotary_base=10000), sections, True)
+    q = torch.randn(2, 3, 40, ROPE_DIM, generator=g)
+    config = Qwen3VLTextConfig(hidden_size=ROPE_DIM * 3, num_attention_heads=3, head_dim=ROPE_DIM, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections, "mrope_interleaved": True})
+    cos, sin = Qwen3VLTextRotaryEmbedding(config)(q, ids)
+    expected, _ = qwen3_vl_rotary(q, q, cos, sin)
+    ours = _apply_rotary_pos_emb_bshd(q.permute(2, 0, 1, 3), table(ids))
+    torch.testing.assert_close(ours.permute(1, 2, 0, 3), expected, rtol=1e-6, atol=1e-6)
+    chunked = _apply_rotary_pos_emb_bshd(q.permute(2, 0, 1, 3), RopeTable(table.base, sections)(ids))
+    assert (chunked.permute(1, 2, 0, 3) - expected).abs().max() > 1e-2  # the two layouts differ at image ids
 
 
 @pytest.fixture(scope="module")

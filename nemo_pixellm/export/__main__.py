@@ -60,6 +60,7 @@ def export_model(model, out, tokenizer=None, data_config=None) -> None:
     joins = {"image_token_id": model.image_token_id, "patch_size": tower.patch_size,
              "downsample": model.projector.downsample, "image_position_code": model.projector.position_code,
              "mrope_section": list(getattr(config, "mrope_section", None) or []),
+             "mrope_interleaved": getattr(config, "mrope_interleaved", False),
              "layout": "global view + newline per row, view separator, local mosaic + newline per row (nemo_pixellm.tiling)"}
     if data_config is not None:
         joins |= {"image_size": data_config.image_size, "max_tiles": data_config.max_tiles}

@@ -44,10 +44,11 @@ class PixelLMConfig(PretrainedConfig):
 
     def __init__(self, text_config=None, vision_config=None, image_token_id: int = 0, patch_size: int = 14,
                  downsample: int = 2, mrope_section: list[int] | None = None, projector_ffn_hidden_size: int = 0,
-                 image_size: int = tiling.TILE, max_tiles: int = 0, image_position_code: bool = False, **kwargs):
+                 image_size: int = tiling.TILE, max_tiles: int = 0, image_position_code: bool = False,
+                 mrope_interleaved: bool = False, **kwargs):
         self.image_token_id, self.patch_size, self.downsample = image_token_id, patch_size, downsample
         self.image_position_code = image_position_code
-        self.mrope_section = list(mrope_section or [])
+        self.mrope_section, self.mrope_interleaved = list(mrope_section or []), mrope_interleaved
         self.projector_ffn_hidden_size = projector_ffn_hidden_size
         self.image_size, self.max_tiles = image_size, max_tiles
         super().__init__(**kwargs)
@@ -62,18 +63,20 @@ class PixelLMConfig(PretrainedConfig):
 
 class MRopeRotaryEmbedding(torch.nn.Module):
     """The language model's own rotary table (cos, sin [b, s, d] in transformers' half-split layout; YaRN's scaling
-    included) at M-RoPE ids [3, b, s] (t / h / w; each frequency pair follows the axis of its ``mrope_section``),
+    included) at M-RoPE ids [3, b, s] (t / h / w; each frequency pair follows the axis of its ``mrope_section``,
+    chunked or, with ``mrope_interleaved``, alternating),
     or at 1D ids [b, s] as before."""
 
-    def __init__(self, rotary: torch.nn.Module, mrope_section: list[int]):
+    def __init__(self, rotary: torch.nn.Module, mrope_section: list[int], mrope_interleaved: bool = False):
         super().__init__()
-        self.rotary, self.mrope_section = rotary, tuple(mrope_section)
+        self.rotary, self.mrope_section, self.mrope_interleaved = rotary, tuple(mrope_section), mrope_interleaved
 
     def forward(self, x, position_ids):
         if position_ids.dim() == 2:
             return self.rotary(x, position_ids)
         cos, sin = zip(*(self.rotary(x, ids) for ids in position_ids))  # 3 x [b, s, d]
-        axis = tiling.mrope_axis_per_column(self.mrope_section, cos[0].shape[-1]).to(x.device)
+        axis = tiling.mrope_axis_per_column(self.mrope_section, cos[0].shape[-1],
+                                            sections_interleaved=self.mrope_interleaved).to(x.device)
         pick = axis.view(1, 1, 1, -1).expand(1, *cos[0].shape)
         return (torch.stack(cos).gather(0, pick)[0], torch.stack(sin).gather(0, pick)[0])
 
@@ -114,7 +117,7 @@ class PixelLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         if config.mrope_section:
             model = self.language_model.model
-            model.rotary_emb = MRopeRotaryEmbedding(model.rotary_emb, config.mrope_section)
+            model.rotary_emb = MRopeRotaryEmbedding(model.rotary_emb, config.mrope_section, config.mrope_interleaved)
 
     @classmethod
     def from_pretrained(cls, directory, dtype=torch.float32, attn_implementation: str = "eager"):
@@ -132,7 +135,8 @@ class PixelLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             image_token_id=joins["image_token_id"], patch_size=joins["patch_size"], downsample=joins["downsample"],
             mrope_section=joins.get("mrope_section"), projector_ffn_hidden_size=projector["mlp.encoder.linear_fc1.weight"].shape[0],
             image_size=joins.get("image_size", vision_tower.config.image_size), max_tiles=joins.get("max_tiles", 0),
-            image_position_code=joins.get("image_position_code", False))
+            image_position_code=joins.get("image_position_code", False),
+            mrope_interleaved=joins.get("mrope_interleaved", False))
         model = cls(config, language_model=language_model, vision_tower=vision_tower)
         model.projector.load_state_dict(projector)  # strict: every tensor present, none left over
         model.projector.to(dtype)

@@ -16,7 +16,7 @@ class PixelGPTModel(GPTModel):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         base = mla_rotary(config, self.pg_collection.cp) if config.multi_latent_attention else self.rotary_pos_emb
-        self.rope_table = RopeTable(base, config.mrope_section)
+        self.rope_table = RopeTable(base, config.mrope_section, getattr(config, "mrope_interleaved", False))
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         # Megatron's step that turns positions into the layers' rotary input (listed in nemo_pixellm.compat).

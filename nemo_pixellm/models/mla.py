@@ -56,10 +56,11 @@ class RopeTable(torch.nn.Module):
     """Position ids [b, s] or [3, b, s] -> the per-token rope table [s, b, 1, rope_dim] of Megatron's rotary
     module ``base`` (M-RoPE: each column from the axis its frequency pair belongs to)."""
 
-    def __init__(self, base: torch.nn.Module, mrope_section: list[int] | None):
+    def __init__(self, base: torch.nn.Module, mrope_section: list[int] | None, mrope_interleaved: bool = False):
         super().__init__()
         self.base = base
         self.mrope_section = tuple(mrope_section) if mrope_section else None
+        self.mrope_interleaved = mrope_interleaved
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         positions = position_ids.unsqueeze(0) if position_ids.dim() == 2 else position_ids  # [axes, b, s]
@@ -75,7 +76,8 @@ class RopeTable(torch.nn.Module):
             if self.mrope_section is None:
                 raise ValueError("position ids are [3, b, s] (M-RoPE) but model.mrope_section is not set")
             interleaved = getattr(self.base, "rotary_interleaved", False)
-            axis = mrope_axis_per_column(self.mrope_section, emb.shape[-1], interleaved).to(emb.device)
+            axis = mrope_axis_per_column(self.mrope_section, emb.shape[-1], interleaved, self.mrope_interleaved)
+            axis = axis.to(emb.device)
             emb = emb.gather(0, axis.view(1, 1, 1, -1).expand(1, *emb.shape[1:]))
         return emb[0].transpose(0, 1).unsqueeze(2).contiguous()  # [s, b, 1, dim]
 

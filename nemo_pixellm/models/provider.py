@@ -87,6 +87,9 @@ class PixelLMProvider(MLAModelProvider):
     projector_ffn_hidden_size: int | None = None
     image_position_code: bool = False  # a fixed 2D code of each image token's place (models/projector.py)
 
+    # M-RoPE frequency pairs alternate t h w t h w .. (Qwen3-VL) instead of mrope_section's chunks (Qwen2-VL)
+    mrope_interleaved: bool = False
+
     # LLaMA 4's chunked local attention on the RoPE layers (NoPE layers: Megatron's no_rope_freq) attend only
     # within chunks of this many tokens; Megatron has no chunked attention (local backend, models/core_attention.py)
     attention_chunk_size: int | None = None

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from nemo_pixellm.models.backend import resolve_use_te
-from nemo_pixellm.tiling import POSITION_CODE_CHANNELS
+from nemo_pixellm.tiling import POSITION_CODE_CHANNELS, mrope_axis_per_column
 
 
 class ConfigError(ValueError):
@@ -269,6 +269,13 @@ def validate_layout(cfg, world_size: int) -> None:
                           else ("kv_channels", m.kv_channels or m.hidden_size // m.num_attention_heads))
     if m.mrope_section and sum(m.mrope_section) != rope_dim // 2:
         raise ConfigError(f"model.mrope_section {list(m.mrope_section)} must sum to {rope_key}/2 = {rope_dim // 2}")
+    if m.mrope_interleaved:
+        if not m.mrope_section:
+            raise ConfigError("model.mrope_interleaved=true needs model.mrope_section (the t / h / w pair counts)")
+        try:
+            mrope_axis_per_column(tuple(m.mrope_section), rope_dim, sections_interleaved=True)
+        except ValueError as error:
+            raise ConfigError(f"model.mrope_interleaved=true: model.{error}") from None
     if cfg.model.seq_length != cfg.dataset.seq_length:
         raise ConfigError("model.seq_length and dataset.seq_length differ: set the top-level seq_length instead")
     validate_images(cfg.dataset)
