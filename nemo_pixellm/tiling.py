@@ -246,8 +246,8 @@ def mrope_axis_per_column(sections: tuple[int, ...], rope_dim: int, interleaved:
         for dim, offset in ((1, 1), (2, 2)):  # Qwen3-VL's apply_interleaved_mrope: pairs offset, offset+3, ..
             axis[offset:min(3 * sections[dim], half):3] = dim
         if axis.bincount(minlength=3).tolist() != list(sections):
-            raise ValueError(f"interleaved mrope_section {list(sections)} is not what interleaving gives "
-                             f"{half} pairs: use one it gives, for example {interleaved_mrope_section(half)}")
+            raise ValueError(f"mrope_section {list(sections)} cannot be interleaved over {half} frequency pairs "
+                             f"(t h w t h w ..): use one that can, for example {interleaved_mrope_section(half)}")
     else:
         axis = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
     return axis.repeat_interleave(2) if interleaved else torch.cat([axis, axis])

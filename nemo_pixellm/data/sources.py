@@ -128,7 +128,8 @@ def prompt_path(config) -> Path:
 
 
 def _samples(config, path, tokenizer, task, key: str = "dataset.path") -> ShardSamples:
-    return ShardSamples(path, tokenizer, task, config.patch_size, config.downsample, config.max_tiles, key)
+    weights = config.question_weights if task == "vqa" else None
+    return ShardSamples(path, tokenizer, task, config.patch_size, config.downsample, config.max_tiles, key, weights)
 
 
 def train_dataset(config, tokenizer, num_sequences: int):

@@ -83,6 +83,11 @@ def validate_data(data) -> None:
     if data.chat_ratio > 0 and data.task not in ("caption", "vqa"):
         raise ConfigError(f"dataset.chat_ratio={data.chat_ratio} mixes the images' conversations into a caption or "
                           f"vqa stage; dataset.task={data.task} has none to mix: set dataset.chat_ratio=0")
+    weights = data.question_weights
+    if weights is not None and (not hasattr(weights, "items") or any(
+            not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0 for w in weights.values())):
+        raise ConfigError(f"dataset.question_weights={weights}: give a positive weight per qa type, e.g. "
+                          "{position: 3, ocr: 3} (types not named weigh 1), or null to cycle through each record's")
     if not 0.0 <= data.max_bad_fraction < 1.0:
         raise ConfigError(f"dataset.max_bad_fraction={data.max_bad_fraction}: give a share in [0, 1) "
                           "(0 stops at the first bad record)")
@@ -275,7 +280,7 @@ def validate_layout(cfg, world_size: int) -> None:
         try:
             mrope_axis_per_column(tuple(m.mrope_section), rope_dim, sections_interleaved=True)
         except ValueError as error:
-            raise ConfigError(f"model.mrope_interleaved=true: model.{error}") from None
+            raise ConfigError(f"model.{error}, or set model.mrope_interleaved=false") from None
     if cfg.model.seq_length != cfg.dataset.seq_length:
         raise ConfigError("model.seq_length and dataset.seq_length differ: set the top-level seq_length instead")
     validate_images(cfg.dataset)
