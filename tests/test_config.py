@@ -92,7 +92,6 @@ def test_a_run_names_the_synthetic_bpe_it_learned(cache_dir, monkeypatch):
         (["train.global_batch_size=6"], 4, "not a multiple of micro_batch_size*data_parallel"),
         (["stage.init_from=/nonexistent/ckpt"], 1, "stage.init_from=/nonexistent/ckpt does not exist"),
         (["model.mrope_section=[2,2,2]"], 1, "must sum to qk_pos_emb_head_dim/2 = 8"),
-        (["dataset.question_weights={position:-1}"], 1, "give a positive weight per qa type"),
         (["model.mrope_interleaved=true"], 1, "cannot be interleaved over 8 frequency pairs"),
         (["model.context_parallel_size=2", "seq_length=126"], 2, "seq_length 126 is not a multiple of 4"),
         (["model.context_parallel_size=2", "dataset.pack=true"], 2, "dataset.pack=true with model.context_parallel"),

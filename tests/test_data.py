@@ -153,40 +153,6 @@ def test_chat_ratio_mixes_the_images_conversations_into_captions(shards, tokeniz
     assert "?" not in answers and "<|user|>" not in answers  # loss on the assistant's turns alone
 
 
-def test_question_weights_draw_questions_in_proportion_to_their_type(shards, tokenizer, cache_dir):
-    """dataset.question_weights={position: 4, count: 0.5}: over many epochs each record's questions come up at
-    weight x count of their type / the record's total weight (the expectation computed from the records); without
-    weights epochs cycle through each record's list in order."""
-    from collections import Counter
-
-    from nemo_pixellm.data.provider import PixelLMDataConfig
-    from nemo_pixellm.data.sources import train_dataset
-
-    weights = {"position": 4.0, "count": 0.5}
-    config = PixelLMDataConfig(path=str(shards / "vl"), task="vqa", question_weights=weights, seq_length=160,
-                               image_size=56, max_tiles=1, seed=5, cache_dir=str(cache_dir))
-    [samples] = train_dataset(config, tokenizer, 10).sources
-    records = [samples.meta(i)["qa"] for i in range(len(samples))]
-    epochs = 400
-    drawn = Counter(samples.question(records[i % len(records)], i)["type"] for i in range(epochs * len(records)))
-
-    def expected_shares(weights: dict) -> Counter:
-        shares = Counter()
-        for qa in records:
-            total = sum(weights.get(q["type"], 1.0) for q in qa)
-            for q in qa:
-                shares[q["type"]] += weights.get(q["type"], 1.0) / total / len(records)
-        return shares
-
-    expected, n = expected_shares(weights), epochs * len(records)
-    print({t: (round(drawn[t] / n, 3), round(expected[t], 3)) for t in expected})
-    assert all(abs(drawn[t] / n - expected[t]) < 0.01 for t in expected)
-    assert expected["position"] > 1.5 * expected_shares({})["position"]  # the weight moves the mix
-    assert samples.question(records[3], 3 + 7 * len(records)) == samples.question(records[3], 3 + 7 * len(records))
-    cycling = ShardSamples(shards / "vl", tokenizer, "vqa", max_tiles=1)
-    assert [cycling.question(records[3], 3 + e * len(records)) for e in range(len(records[3]))] == records[3]
-
-
 def test_resume_reaches_its_position_from_the_cached_plan(shards, tokenizer, tmp_path):
     """A resumed run starts from the cached start of its block of the plan instead of replaying every
     sequence before it; the members are the in-order run's, and a corrupt or foreign cache changes nothing."""

@@ -39,7 +39,6 @@ class PixelLMDataConfig(DatasetProvider):
     max_bad_fraction: float = 0.01  # bad records (skipped and counted) above this share of those read stop the run
     generations: int = 0  # stage-4 GRPO: sequences are answers, drawn in groups of this many per question
     question_types: list | None = None  # stage-4 GRPO: ask only questions of these qa types (None: all)
-    question_weights: dict | None = None  # vqa: draw each sample's question by type weight ({position: 3}, others 1)
 
     def build_datasets(self, context: DatasetBuildContext):
         """Bridge's hook: the datasets are made by ``nemo_pixellm.data.sources`` from this description."""

@@ -2,8 +2,7 @@
 
 Tasks (a source's ``task``):
 - ``caption``: image, then the caption; loss on the caption.
-- ``vqa``: one question/answer turn of the record's ``qa`` list (epochs cycle through them, or with
-  ``question_weights`` each sample draws one, weighted by its type).
+- ``vqa``: one question/answer turn of the record's ``qa`` list (epochs cycle through them).
 - ``chat``: the record's LLaVA-style ``conversations`` through the chat template.
 - ``text``: the record's ``text`` (text-only data); loss on all of it.
 - ``preference``: a (chosen, rejected) pair of samples (``pair``): stage-4 DPO.
@@ -15,7 +14,6 @@ Chat template (the tokenizer's special tokens; loss only on assistant tokens and
 
 import io
 import json
-import random
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
@@ -110,12 +108,11 @@ class ShardSamples:
     """The samples of one shard directory for one task; index i >= len wraps (epochs)."""
 
     def __init__(self, shard_dir, tokenizer: PixelTokenizer, task: str, patch_size: int = 14, downsample: int = 2,
-                 max_tiles: int = tiling.MAX_TILES, key: str = "dataset.path", question_weights: dict | None = None):
+                 max_tiles: int = tiling.MAX_TILES, key: str = "dataset.path"):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
         self.reader = ShardReader(shard_dir, key)
         self.tokenizer, self.task = tokenizer, task
-        self.question_weights = dict(question_weights) if question_weights else None
         self.patch_size, self.downsample, self.max_tiles = patch_size, downsample, max_tiles
 
     def __len__(self) -> int:
@@ -158,14 +155,6 @@ class ShardSamples:
         chosen, rejected = (self._fit(key, images, tile, max_tokens, segments(a)) for a in answers)
         return chosen, rejected
 
-    def question(self, qa: list[dict], index: int) -> dict:
-        """Sample ``index``'s turn of a record's questions: the next one each epoch, or drawn by type weight
-        (deterministic in the index, so a resumed run reads the same)."""
-        if self.question_weights is None:
-            return qa[index // len(self.reader) % len(qa)]
-        weights = [self.question_weights.get(q["type"], 1.0) for q in qa]
-        return random.Random(index).choices(qa, weights)[0]
-
     def meta(self, index: int) -> dict:
         """The json of record ``index``, checked for the task's fields (BadRecord otherwise)."""
         return self._record(index, self.task)[2]
@@ -203,7 +192,7 @@ class ShardSamples:
         if self.task == "caption":
             return images + [TextSegment(tok.encode(meta["caption"]) + [tok.eos_id], True)]
         if self.task == "vqa":  # the images go before the question unless it places them with <image>
-            qa = self.question(meta["qa"], index)
+            qa = meta["qa"][index // len(self.reader) % len(meta["qa"])]
             turns = [{"from": "human", "value": qa["q"]}, {"from": "gpt", "value": qa["a"]}]
         else:
             turns = meta["conversations"]

@@ -128,8 +128,7 @@ def prompt_path(config) -> Path:
 
 
 def _samples(config, path, tokenizer, task, key: str = "dataset.path") -> ShardSamples:
-    weights = config.question_weights if task == "vqa" else None
-    return ShardSamples(path, tokenizer, task, config.patch_size, config.downsample, config.max_tiles, key, weights)
+    return ShardSamples(path, tokenizer, task, config.patch_size, config.downsample, config.max_tiles, key)
 
 
 def train_dataset(config, tokenizer, num_sequences: int):

@@ -83,11 +83,6 @@ def validate_data(data) -> None:
     if data.chat_ratio > 0 and data.task not in ("caption", "vqa"):
         raise ConfigError(f"dataset.chat_ratio={data.chat_ratio} mixes the images' conversations into a caption or "
                           f"vqa stage; dataset.task={data.task} has none to mix: set dataset.chat_ratio=0")
-    weights = data.question_weights
-    if weights is not None and (not hasattr(weights, "items") or any(
-            not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0 for w in weights.values())):
-        raise ConfigError(f"dataset.question_weights={weights}: give a positive weight per qa type, e.g. "
-                          "{position: 3, ocr: 3} (types not named weigh 1), or null to cycle through each record's")
     if not 0.0 <= data.max_bad_fraction < 1.0:
         raise ConfigError(f"dataset.max_bad_fraction={data.max_bad_fraction}: give a share in [0, 1) "
                           "(0 stops at the first bad record)")
