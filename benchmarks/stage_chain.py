@@ -6,7 +6,8 @@
 Runs ``nemo_pixellm.pipeline`` with the recipe below (40,000 training images: with 4,000 the 5,000 stage-3
 steps memorise them; 112-pixel views: one LM token per cell of the scenes' 4x4 grid; packing: a conversation
 fills half of a 128-token sequence, a caption a third; global batch 32; EMA on; a 3-layer decoder (dense, MoE,
-MoE: with the tiny variant's 2 layers the colour lookup formed on one seed of three); conversations as 30% of
+MoE: with the tiny variant's 2 layers the colour lookup formed on one seed of three); each image token's place
+as a fixed code in its last channels (left/right answers were at chance without it); conversations as 30% of
 stage 2; the tower at a tenth of stage 3's learning rate),
 then evaluates on the held-out split (never trained on):
 - the final checkpoint with EMA weights and with the raw weights (the same run);
@@ -35,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["dataset.synthetic_train_samples=40000", "dataset.image_size=112", "model.vision_image_size=112",
           "dataset.pack=true", "train.global_batch_size=32", "train.micro_batch_size=32", "ema.enabled=true",
           "validation.eval_interval=null", "logger.log_interval=100", "vqa_eval.interval=500", "vqa_eval.samples=40",
-          "model.num_layers=3", "model.moe_layer_freq=[0,1,1]", "stage2:dataset.chat_ratio=0.3",
-          "stage3:stage.vision_lr_mult=0.1"]
+          "model.num_layers=3", "model.moe_layer_freq=[0,1,1]", "model.image_position_code=true",
+          "stage2:dataset.chat_ratio=0.3", "stage3:stage.vision_lr_mult=0.1"]
 STAGES = ("stage1", "stage1_5", "stage2", "stage3")
 TYPES = ("count", "colour", "position", "relation", "ocr", "chart")
 ASKED = ("count", "colour", "position", "ocr")  # the issue's target: counting, colours, positions, short OCR
