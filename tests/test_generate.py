@@ -91,6 +91,29 @@ def test_absorbed_decoding_equals_re_expanding_the_cache(model, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_lean_decoding_step_equals_megatrons_layers(model, monkeypatch):
+    """Decoding steps run the layers' submodules in a plain loop (PixelGPTModel.decode_step), skipping
+    Megatron's TransformerBlock / TransformerLayer / GPTModel glue; with that glue (the loop switched off) every
+    step's logits are the same within 1e-6, and so are the tokens, greedy and sampled."""
+    prompts = _prompts(torch.Generator().manual_seed(4))
+    language_model = type(model.language_model)
+    lean_steps = []
+    decode_step = language_model.decode_step
+    monkeypatch.setattr(language_model, "decode_step", lambda self, *a: lean_steps.append(1) or decode_step(self, *a))
+    for sampling in ({}, {"temperature": 1.0, "seed": 5}):
+        lean_scores, megatron_scores = [], []
+        lean = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=8, scores=lean_scores, **sampling)
+        assert len(lean_steps) == len(lean_scores) - 1 >= 3  # every step after the prompt
+        with monkeypatch.context() as off:
+            off.setattr(language_model, "decodes_lean", lambda self, *a: False)
+            megatron = generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=8, scores=megatron_scores,
+                                **sampling)
+        assert lean == megatron
+        for a, b in zip(lean_scores, megatron_scores):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        lean_steps.clear()
+
+
 def test_never_emits_the_image_placeholder(model):
     """A model that prefers the image token everywhere still decodes text: the placeholder has no image
     behind it (an untrained model used to emit it and crash the cached step). The tokens are the best others."""

@@ -5,11 +5,18 @@ Megatron's GPTModel builds the rotary table from ``position_ids`` only for M-RoP
 0..s-1. ``PixelGPTModel`` builds the per-token table, once per forward, from the ``position_ids`` it is given:
 [b, s] or [3, b, s] (M-RoPE t / h / w ids), for MLA's rope slice (``mla.py``) or grouped-query attention's
 heads (``gqa.py``); None keeps Megatron's 0..s-1.
+
+Decoding steps over MLA's latent cache run ``decode_step``: the same submodules (norms, MLA's absorbed decode,
+MLP / MoE, output layer) called in a plain loop. Megatron's TransformerBlock / TransformerLayer / GPTModel glue
+(recompute and offload hooks, bias-dropout-add, viewless tensors, MTP and loss branches) was ~30% of a
+one-token step on a CPU (issue 22's profile), and none of it does anything there.
 """
 
+import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.identity_op import IdentityOp
 
-from nemo_pixellm.models.mla import RopeTable, mla_rotary
+from nemo_pixellm.models.mla import LatentCache, PixelMLASelfAttention, RopeTable, mla_rotary
 
 
 class PixelGPTModel(GPTModel):
@@ -25,3 +32,31 @@ class PixelGPTModel(GPTModel):
             return outputs
         decoder_input, _, *rest = outputs
         return (decoder_input, self.rope_table(position_ids), *rest)
+
+    def decodes_lean(self, inference_context, position_ids) -> bool:
+        """Whether this call is a decoding step ``decode_step`` computes exactly as Megatron's forward would:
+        no autograd, eval mode, one process in every dimension but data, the latent cache in decode mode, and
+        plain pre-norm layers with MLA in its absorbed form."""
+        c = self.config
+        return (isinstance(inference_context, LatentCache) and inference_context.is_decode_only()
+                and position_ids is not None and not c.add_bias_linear
+                and not torch.is_grad_enabled() and not self.training and self.pre_process and self.post_process
+                and c.tensor_model_parallel_size == 1 and c.context_parallel_size == 1 and not c.sequence_parallel
+                and not c.fp32_residual_connection and not c.apply_residual_connection_post_layernorm
+                and not c.mtp_num_layers and self.decoder.final_layernorm is not None
+                and all(isinstance(layer.self_attention, PixelMLASelfAttention) and layer.self_attention._absorbable()
+                        and isinstance(layer.cross_attention, IdentityOp) for layer in self.decoder.layers))
+
+    def decode_step(self, decoder_input: torch.Tensor, position_ids: torch.Tensor, attention_mask,
+                    cache: LatentCache) -> torch.Tensor:
+        """Embeddings [s, b, h] of the new tokens -> logits [b, s, vocab], appending to ``cache``."""
+        hidden, rope_table = decoder_input, self.rope_table(position_ids)
+        for layer in self.decoder.layers:  # eval: bias-dropout-add is a residual add (no biases here)
+            attention, _ = layer.self_attention._absorbed_decode(layer.input_layernorm(hidden), attention_mask,
+                                                                 cache, rope_table)
+            hidden = hidden + attention
+            mlp, _ = layer.mlp(layer.pre_mlp_layernorm(hidden))
+            hidden = hidden + mlp
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(self.decoder.final_layernorm(hidden), weight=weight)
+        return logits.transpose(0, 1).contiguous()

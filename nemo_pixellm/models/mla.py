@@ -227,8 +227,11 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         up_k, up_v = self.linear_kv_up_proj.weight.view(heads, qk + v, rank).split([qk, v], dim=1)
         # Every head attends to the one latent key: heads x new queries as one head (no per-head copies of the
         # cache). The value is the key itself; its rope columns are dropped from the output.
-        q = torch.cat([q_nope.permute(1, 2, 0, 3) @ up_k, rotated[:, :, :heads].permute(1, 2, 0, 3)],
-                      dim=-1).reshape(batch, 1, heads * new, rank + rope)  # [b, h, s, d] @ [h, d, c] per head
+        # Per head, every (row, token) at once: [h, b x s, d] @ [h, d, c]; a [b, h, s, d] @ [h, d, c] broadcast
+        # would copy the weights once per row.
+        q_absorbed = (q_nope.permute(2, 1, 0, 3).reshape(heads, batch * new, qk) @ up_k).view(heads, batch, new, rank)
+        q = torch.cat([q_absorbed.transpose(0, 1), rotated[:, :, :heads].permute(1, 2, 0, 3)],
+                      dim=-1).reshape(batch, 1, heads * new, rank + rope)
         k = held.transpose(0, 1).unsqueeze(1)  # [b, 1, S, rank + rope]
         keys = k.shape[2]
         visible = (~attention_mask.bool() if attention_mask is not None else  # Megatron: True = masked out
@@ -236,8 +239,8 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         if new > 1:  # one new token's row broadcasts over the heads
             visible = visible.expand(batch, 1, new, keys).repeat(1, 1, heads, 1)  # [b, 1, heads x new, S]
         out = F.scaled_dot_product_attention(q, k, k, attn_mask=visible, scale=self.softmax_scale)[..., :rank]
-        out = out.view(batch, heads, new, rank) @ up_v.transpose(1, 2)  # [b, h, s, v]
-        out = out.permute(2, 0, 1, 3).reshape(new, batch, heads * v)
+        out = out.view(batch, heads, new, rank).transpose(0, 1).reshape(heads, batch * new, rank) @ up_v.transpose(1, 2)
+        out = out.view(heads, batch, new, v).permute(2, 1, 0, 3).reshape(new, batch, heads * v)
         return self.linear_proj(out)
 
     def _rotate(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:

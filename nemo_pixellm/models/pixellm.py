@@ -129,6 +129,9 @@ class PixelLMModel(MegatronModule):
                 received = self.language_model.decoder.input_tensor
                 self.language_model.decoder.set_input_tensor(received.reshape(-1, 1, received.shape[-1]))
         decoder_input = self.embed(input_ids, images, image_grids) if self.pre_process else None
+        if packed_seq_params is None and self.language_model.decodes_lean(kwargs.get("inference_context"), position_ids):
+            return self.language_model.decode_step(decoder_input, position_ids, attention_mask,
+                                                   kwargs["inference_context"])
         output = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
