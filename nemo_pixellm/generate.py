@@ -140,15 +140,15 @@ def generate(model, prompts: list[Prompt], eos_id: int, pad_id: int, max_new_tok
     positions = torch.stack([ids[:, :length] for ids in prompt_positions], dim=1)
     logits = forward(tokens, positions, attention_mask=mask, images=images, image_grids=grids, inference_context=cache)
     next_tokens = decoder.step(logits[rows, lengths - 1])
+    # The k-th new token of row i sits at text position (prompt end + k - 1) of that row: every step's, at once.
+    new_positions = torch.stack([ids[:, int(n): int(n) + max_new_tokens] for ids, n in zip(prompt_positions, lengths)],
+                                dim=1)  # [3, b, max_new_tokens]
+    masked = torch.cat([~real, torch.zeros(len(prompts), max_new_tokens, dtype=torch.bool)], dim=1)[:, None, None]
     for k in range(1, max_new_tokens):
         if all(decoder.done) and not all_steps:
             break
-        real = torch.cat([real, torch.ones(len(prompts), 1, dtype=torch.bool)], dim=1)
-        # The k-th new token of row i sits at text position (prompt end + k - 1) of that row.
-        positions = torch.stack([ids[:, int(n) + k - 1: int(n) + k] for ids, n in zip(prompt_positions, lengths)],
-                                dim=1)
-        logits = forward(next_tokens[:, None], positions, attention_mask=~real[:, None, None, :],
-                         inference_context=cache)
+        logits = forward(next_tokens[:, None], new_positions[:, :, k - 1: k],
+                         attention_mask=masked[..., : real.shape[1] + k], inference_context=cache)
         next_tokens = decoder.step(logits[:, -1])
     return decoder.outputs
 
