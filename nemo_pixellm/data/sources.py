@@ -15,7 +15,7 @@ from nemo_pixellm.data.shards import MANIFEST, write_shards
 from nemo_pixellm.data.synthetic import COLOURS, NUMBER_WORDS, SHAPES, WORDS, render_scene, scene_record
 from nemo_pixellm.data.tokenizer import PixelTokenizer, train_bpe
 
-SYNTHETIC_VERSION = 8  # bump when the generator's output changes, so caches rebuild (3-5 were used by experiments)
+SYNTHETIC_VERSION = 7  # bump when the generator's output changes, so caches rebuild (3-5 were used by experiments)
 OCR_WORD_WEIGHT = 50  # copies of each answer word in the BPE corpus: with 768 tokens every one is merged whole (512 runs out)
 
 

@@ -148,13 +148,12 @@ def _shapes(rng: random.Random, width: int, height: int):
     for ref in (o for o in objects if o["single"]):
         name = f"{ref['colour']} {ref['shape']}"
         # The question names no answer word: with "left or the right?" offered, the decoder copied an offered
-        # option instead of looking the object up (benchmarks/answer_attention.py). The object's name ends the
-        # question: held-out position was 79-82% so and 61-71% with the name mid-question (data v7, seed 1).
-        of_image = rng.random() < 0.5
-        qa.append({"type": "position", "q": f"On which side of the image is the {name}?" if of_image else
-                   f"On which side is the {name}?", "a": "left" if ref["col"] < 2 else "right"})
-        qa.append({"type": "position", "q": f"How far up the image is the {name}?" if of_image else
-                   f"How high up is the {name}?", "a": "top" if ref["row"] < 2 else "bottom"})
+        # option instead of looking the object up (benchmarks/answer_attention.py). Two phrasings per axis.
+        object_last = rng.random() < 0.5
+        qa.append({"type": "position", "q": f"On which side is the {name}?" if object_last else
+                   f"Which side is the {name} on?", "a": "left" if ref["col"] < 2 else "right"})
+        qa.append({"type": "position", "q": f"How high up is the {name}?" if object_last else
+                   f"How high is the {name}?", "a": "top" if ref["row"] < 2 else "bottom"})
         for phrase, holds in RELATIONS:
             others = [o for o in objects if o is not ref and holds(o, ref)]
             if len(others) == 1:
@@ -230,22 +229,9 @@ def _chart(rng: random.Random, width: int, height: int):
     return image, caption, qa
 
 
-# How often a question type is drawn into a conversation (stage 3's data), relative to count / colour / chart:
-# uniform draws gave position 6.7%, OCR 6.6%, relation 1.4% of the question turns, and they learned least.
-TURN_WEIGHTS = {"position": 4.0, "relation": 4.0, "ocr": 4.0}
-
-
-def _weighted_sample(rng: random.Random, items: list[dict], k: int) -> list[dict]:
-    """k items without replacement, each drawn in proportion to its type's weight (Efraimidis-Spirakis keys)."""
-    keys = [rng.random() ** (1.0 / TURN_WEIGHTS.get(item["type"], 1.0)) for item in items]
-    chosen = sorted(range(len(items)), key=lambda i: keys[i], reverse=True)[:k]
-    rng.shuffle(chosen)  # the heavy types would otherwise come first in every conversation
-    return [items[i] for i in chosen]
-
-
 def _conversation(rng: random.Random, caption: str, qa: list[dict]) -> list[dict]:
-    """A LLaVA-style multi-turn chat: 2-4 of the questions (weighted by type), sometimes after a description."""
-    turns = [(t["q"], t["a"]) for t in _weighted_sample(rng, qa, rng.randint(2, 4))]
+    """A LLaVA-style multi-turn chat: 2-4 of the questions, sometimes after a request for a description."""
+    turns = [(t["q"], t["a"]) for t in rng.sample(qa, min(len(qa), rng.randint(2, 4)))]
     if rng.random() < 0.5:
         turns.insert(0, ("Describe the image.", caption[0].upper() + caption[1:]))
     conversation = []
