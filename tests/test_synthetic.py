@@ -140,6 +140,8 @@ def test_scene_answers_match_the_shapes_in_the_image(size):
                 cell = (size[0] if axis == "x" else size[1]) / 4
                 beyond = [o for o in objects if sign * (o[axis] - ref[axis]) > cell / 2]
                 assert [f"{o['colour']} {o['shape']}" for o in beyond] == [a], (q, a)
+            else:
+                raise AssertionError(f"no check for the question {q!r}")
 
 
 def rendered_text_mask(text: str, size: int) -> np.ndarray:
