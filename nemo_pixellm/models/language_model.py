@@ -36,8 +36,8 @@ class PixelGPTModel(GPTModel):
     def decodes_lean(self, inference_context, position_ids) -> bool:
         """Whether this call is a decoding step ``decode_step`` computes exactly as Megatron's forward would:
         no autograd, eval mode, one tensor, context and pipeline rank (experts may be parallel: the MoE layer
-        dispatches as in any forward), the latent cache in decode mode, and
-        plain pre-norm layers with MLA in its absorbed form."""
+        dispatches as in any forward), the latent cache in decode mode, and plain pre-norm layers with MLA in its
+        absorbed form."""
         c = self.config
         return (isinstance(inference_context, LatentCache) and inference_context.is_decode_only()
                 and position_ids is not None and not c.add_bias_linear
