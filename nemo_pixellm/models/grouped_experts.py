@@ -59,14 +59,16 @@ class GroupedLocalExperts(SequentialMLP):
         intermediate = self._activation(intermediate, probs, hidden.dtype)
         return _contiguous_grad(F.grouped_mm(intermediate, fc2.transpose(1, 2), offs=ends)), None
 
-    def by_routing_map(self, tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
-        """Without a token dispatcher (``PixelMoELayer``'s inference path): tokens [t, h], the router's probs and
-        routing_map [t, experts] -> [t, h]. The (expert, token) pairs in expert order, as the dispatcher permutes
-        them; each expert's outputs added back at their tokens in that order, as its unpermute sums them."""
-        expert_of, row_of = routing_map.t().nonzero(as_tuple=True)
+    def by_expert_index(self, tokens: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Without a token dispatcher (``PixelMoELayer``'s inference path): tokens [t, h], the router's top-k
+        probabilities and expert indices [t, k] -> [t, h]. The (expert, token) pairs in expert order, tokens
+        ascending within an expert, as the dispatcher permutes them; each expert's outputs added back at their
+        tokens in that order, as its unpermute sums them."""
+        order = experts.flatten().argsort(stable=True)  # a token holds an expert once: ties keep token order
+        expert_of, row_of = experts.flatten()[order], order // experts.shape[1]
         counts = torch.bincount(expert_of, minlength=self.num_local_experts)
         with torch.no_grad():
-            outputs, _ = self.forward(tokens[row_of], counts, probs[row_of, expert_of])
+            outputs, _ = self.forward(tokens[row_of], counts, probs.flatten()[order])
         return torch.zeros_like(tokens).index_add_(0, row_of, outputs)
 
     def _expert(self, e: int, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

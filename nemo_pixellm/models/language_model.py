@@ -52,9 +52,10 @@ class PixelGPTModel(GPTModel):
                     cache: LatentCache) -> torch.Tensor:
         """Embeddings [s, b, h] of the new tokens -> logits [b, s, vocab], appending to ``cache``."""
         hidden, rope_table = decoder_input, self.rope_table(position_ids)
+        cos_sin = self.decoder.layers[0].self_attention.rope_cos_sin(rope_table)  # every layer's
         for layer in self.decoder.layers:  # eval: bias-dropout-add is a residual add (no biases here)
             attention, _ = layer.self_attention._absorbed_decode(layer.input_layernorm(hidden), attention_mask,
-                                                                 cache, rope_table)
+                                                                 cache, rope_table, cos_sin)
             hidden = hidden + attention
             mlp, _ = layer.mlp(layer.pre_mlp_layernorm(hidden))
             hidden = hidden + mlp

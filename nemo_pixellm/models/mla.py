@@ -203,13 +203,14 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         key = torch.cat([key_nope, rope_key.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
         return query, key.contiguous(), value.contiguous(), q_compressed, kv_compressed
 
-    def _absorbed_decode(self, hidden_states, attention_mask, cache: LatentCache, rope_table):
+    def _absorbed_decode(self, hidden_states, attention_mask, cache: LatentCache, rope_table, cos_sin=None):
         """A decoding step over the latent cache in DeepSeek's absorbed form: the key up-projection is folded
         into the query (q_nope W_uk per head) and the value up-projection applied after attention, so scores
         and outputs are computed against the cached latents instead of re-expanding every cached token's keys
         and values through linear_kv_up_proj at each step. Same math as the expanded form (fp32: ~1e-7).
         The new tokens' query and latent are computed here from MLA's own projections and norms (1 process:
-        no tensor-parallel gathers), without the new token's key / value expansion the expanded form needs."""
+        no tensor-parallel gathers), without the new token's key / value expansion the expanded form needs.
+        ``cos_sin``: ``rope_cos_sin(rope_table)`` when the caller has it (the same for every layer)."""
         qk, rope, v = self.config.qk_head_dim, self.config.qk_pos_emb_head_dim, self.config.v_head_dim
         heads, rank = self.num_attention_heads_per_partition, self.config.kv_lora_rank
         new, batch = hidden_states.shape[:2]
@@ -221,7 +222,7 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         latent, rope_key = self.linear_kv_down_proj(hidden_states)[0].split([rank, rope], dim=-1)
         q_nope, q_rope = query.view(new, batch, heads, qk + rope).split([qk, rope], dim=-1)
         # the query's and the key's rope slices rotated in one call: [s, b, heads + 1, rope]
-        rotated = self._rotate(torch.cat([q_rope, rope_key.unsqueeze(2)], dim=2), rope_table)
+        rotated = self._rotate(torch.cat([q_rope, rope_key.unsqueeze(2)], dim=2), rope_table, cos_sin)
         entry = torch.cat([self.kv_layernorm(latent), rotated[:, :, heads]], dim=-1)  # [s, b, rank + rope]
         held, = cache.append(self.layer_number, entry)  # [S, b, rank + rope]
         up_k, up_v = self.linear_kv_up_proj.weight.view(heads, qk + v, rank).split([qk, v], dim=1)
@@ -243,19 +244,33 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         out = out.view(heads, batch, new, v).permute(2, 1, 0, 3).reshape(new, batch, heads * v)
         return self.linear_proj(out)
 
-    def _rotate(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
+    def rope_cos_sin(self, rope_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin of the given table times YaRN's mscale, which ``_rotate`` multiplies in its plain case
+        (None where it calls Megatron's apply_rotary_pos_emb). Every MLA layer of a model has the same rotary
+        module: ``decode_step`` computes them once per step instead of once per layer."""
+        table, mscale = self._table(rope_table)
+        if self.config.rotary_interleaved or self.config.context_parallel_size > 1 or (
+                table.shape[-1] != self.config.qk_pos_emb_head_dim):
+            return None
+        return torch.cos(table) * mscale, torch.sin(table) * mscale
+
+    def _table(self, rope_table: torch.Tensor) -> tuple[torch.Tensor, float]:
+        with self.rotary_pos_emb.given(rope_table):
+            out = self.rotary_pos_emb(rope_table.shape[0])
+        return out if isinstance(out, tuple) else (out, 1.0)
+
+    def _rotate(self, x: torch.Tensor, rope_table: torch.Tensor, cos_sin=None) -> torch.Tensor:
         """MLA's rope on the decoupled slices x [s, b, n, rope], with YaRN's mscale: Megatron's unfused
         apply_rotary_pos_emb as its MLA calls it (pairs de-interleaved, then rotate-half), written out for the
         one case decoding meets, at half its per-call cost (same operations, same numbers)."""
-        with self.rotary_pos_emb.given(rope_table):
-            out = self.rotary_pos_emb(x.shape[0])
-        table, mscale = out if isinstance(out, tuple) else (out, 1.0)
-        if self.config.rotary_interleaved or self.config.context_parallel_size > 1 or table.shape[-1] != x.shape[-1]:
+        cos_sin = cos_sin if cos_sin is not None else self.rope_cos_sin(rope_table)
+        if cos_sin is None:
+            table, mscale = self._table(rope_table)
             return apply_rotary_pos_emb(x, table, config=self.config, mscale=mscale, cp_group=self.pg_collection.cp,
                                         mla_rotary_interleaved=True)
         x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
         half = x.shape[-1] // 2
-        cos, sin = (torch.cos(table) * mscale).to(x.dtype), (torch.sin(table) * mscale).to(x.dtype)
+        cos, sin = cos_sin[0].to(x.dtype), cos_sin[1].to(x.dtype)
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def _absorbable(self) -> bool:
