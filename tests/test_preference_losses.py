@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import trl.trainer.dpo_trainer as trl_dpo
 import trl.trainer.grpo_trainer as trl_grpo
 
-from nemo_pixellm.preference.losses import clipped_policy_loss, dpo_loss, group_advantages, k3_kl
+from nemo_pixellm.preference.losses import chosen_nll, clipped_policy_loss, dpo_loss, group_advantages, k3_kl
 
 IDENTITY = SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction="sum": x, gather_for_metrics=lambda x: x,
                            device=torch.device("cpu"), num_processes=1, sync_gradients=True)
@@ -106,10 +106,11 @@ def test_k3_clamps_like_nemo_rl():
     assert math.isclose(float(kl[4]), math.exp(-3) + 2, rel_tol=1e-6)
 
 
-def trl_dpo_loss(logits, labels, completion_mask, ref_chosen, ref_rejected, beta):
+def trl_dpo_loss(logits, labels, completion_mask, ref_chosen, ref_rejected, beta, sft_weight=0.0):
+    loss_types, loss_weights = (["sigmoid", "sft"], [1.0, sft_weight]) if sft_weight else (["sigmoid"], [1.0])
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=IDENTITY, aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0],
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=loss_weights,
         beta=beta, label_smoothing=0.0, use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
         _total_train_tokens=0, _tp_size=1,
     )
@@ -139,3 +140,25 @@ def test_dpo_loss_equals_trl_and_ln2_at_the_reference():
     assert abs(float((margin > 0).float().mean()) - metrics["rewards/accuracies"][0]) < 1e-6
     at_reference, _ = dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta)
     assert torch.equal(at_reference, torch.full((pairs,), math.log(2)))
+
+
+def test_dpo_with_the_sft_term_equals_trl_s_sigmoid_plus_sft():
+    """RPO (stage.sft_weight): the DPO loss plus w x the chosen answers' per-token NLL equals TRL's
+    loss_type=["sigmoid", "sft"] with weights [1, w] (chosen answers of one length: TRL pools their tokens)."""
+    g = torch.Generator().manual_seed(5)
+    pairs, length, vocab, weight = 4, 7, 11, 0.7
+    logits = torch.randn(2 * pairs, length, vocab, generator=g)
+    ids = torch.randint(0, vocab, (2 * pairs, length), generator=g)
+    completion = torch.zeros(2 * pairs, length)
+    completion[:, 3:] = 1.0
+    completion[pairs + 1, 5:] = 0.0  # a shorter rejected answer
+    per_token = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * completion[:, 1:]
+    summed = per_token.sum(dim=1)
+    chosen, rejected = summed[:pairs], summed[pairs:]
+    ref_chosen, ref_rejected = chosen - torch.randn(pairs, generator=g), rejected + torch.randn(pairs, generator=g)
+    loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
+    ours = loss + weight * chosen_nll(chosen, completion[:pairs, 1:].sum(dim=1))
+    theirs, _ = trl_dpo_loss(logits, ids, completion, ref_chosen, ref_rejected, 0.1, sft_weight=weight)
+    plain, _ = trl_dpo_loss(logits, ids, completion, ref_chosen, ref_rejected, 0.1)
+    assert float(theirs - plain) > 0.5  # the SFT term counts in TRL's figure
+    assert abs(float(ours.mean()) - float(theirs)) < 1e-6

@@ -253,6 +253,12 @@ class TrainingSequences(torch.utils.data.Dataset):
         return batch
 
 
+def trimmed_width(longest: int, seq_length: int) -> int:
+    """Columns a batch of unpacked rows needs: its longest row rounded up to 16 tokens (what FP8 GEMMs need),
+    at most seq_length. Padding after a row's end changes none of its outputs (causal attention)."""
+    return min(seq_length, -(-longest // 16) * 16)
+
+
 def packed_segments(segment_ids: torch.Tensor) -> dict:
     """Segment ids [b, s] -> Megatron's THD boundaries over the b * s tokens read row after row:
     ``cu_seqlens_q`` (int32; a segment per sample, and per row's padding run) and ``max_seqlen_q``."""

@@ -13,6 +13,7 @@ one-token step on a CPU (issue 22's profile), and none of it does anything there
 """
 
 import torch
+import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 
@@ -32,6 +33,15 @@ class PixelGPTModel(GPTModel):
             return outputs
         decoder_input, _, *rest = outputs
         return (decoder_input, self.rope_table(position_ids), *rest)
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [b, s] of logits [s, b, vocab]. With the whole vocabulary on this rank, torch's
+        fused kernel in fp32: Megatron's vocab-parallel form runs ~10 ops and three all-reduces over a group of
+        one (1.3 ms of the tiny training step against 0.5 ms); the values agree to rounding."""
+        if self.config.tensor_model_parallel_size > 1 or self.config.cross_entropy_loss_fusion:
+            return super().compute_language_model_loss(labels, logits)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.t().reshape(-1), reduction="none")
+        return loss.view(logits.shape[:2]).t().contiguous()
 
     def decodes_lean(self, inference_context, position_ids) -> bool:
         """Whether this call is a decoding step ``decode_step`` computes exactly as Megatron's forward would:

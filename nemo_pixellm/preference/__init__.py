@@ -62,6 +62,9 @@ def check_stage4(stage, train, model, data, init_from_pending: bool = False) -> 
         data.question_types = list(types) if types is not None else None
     else:
         data.task = "preference"
+        if float(stage.sft_weight) < 0:
+            raise ConfigError(f"stage.sft_weight={stage.sft_weight}: give the chosen answers' NLL weight, >= 0 "
+                              "(0: plain DPO; RPO uses 1)")
     if beta(stage) < 0:
         raise ConfigError(f"stage.beta={stage.beta}: give a value >= 0")
 
@@ -75,7 +78,7 @@ def stage4_step(cfg, container, run_state, tokenizer):
     reference = ReferenceWeights()
     stage, m = cfg.stage, container.model
     if stage.algorithm == "dpo":
-        return DPOStep(run_state, beta(stage), reference), [reference]
+        return DPOStep(run_state, beta(stage), reference, float(stage.sft_weight)), [reference]
     settings = GRPOSettings(
         generations=int(stage.generations), epsilon=float(stage.epsilon), beta=beta(stage),
         max_new_tokens=int(stage.max_new_tokens), format_weight=float(stage.format_reward), seq_length=container.dataset.seq_length, seed=container.rng.seed,

@@ -13,10 +13,10 @@ from functools import partial
 
 import torch
 
-from nemo_pixellm.data.dataset import TrainingSequences, build_sequence
+from nemo_pixellm.data.dataset import TrainingSequences, build_sequence, trimmed_width
 from nemo_pixellm.data.samples import ShardSamples
 from nemo_pixellm.data.shards import BadRecord
-from nemo_pixellm.preference.losses import dpo_loss
+from nemo_pixellm.preference.losses import chosen_nll, dpo_loss
 from nemo_pixellm.preference.reference import ReferenceWeights, eval_mode
 from nemo_pixellm.training.run_state import RunState
 from nemo_pixellm.training.step import packed_seq_params
@@ -63,8 +63,12 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     @staticmethod
     def collate_fn(items: list[dict]) -> dict:
-        """Chosen rows first, then the rejected rows in the same order (TRL's layout)."""
-        batch = TrainingSequences.collate_fn([item["chosen"] for item in items] + [item["rejected"] for item in items])
+        """Chosen rows first, then the rejected rows in the same order (TRL's layout), cut to the columns the
+        longest needs (``trimmed_width``: a pair fills a third of seq_length)."""
+        rows = [item["chosen"] for item in items] + [item["rejected"] for item in items]
+        width = trimmed_width(max(int((row["segment_ids"] >= 0).sum()) for row in rows), len(rows[0]["tokens"]))
+        per_token = ("tokens", "labels", "loss_mask", "segment_ids", "position_ids")
+        batch = TrainingSequences.collate_fn([{**row, **{k: row[k][..., :width] for k in per_token}} for row in rows])
         batch["skipped"] = [record for item in items for record in item["skipped"]]
         batch["pairs"] = len(items)
         return batch
@@ -76,8 +80,9 @@ def answer_logprobs(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> to
 
 
 class DPOStep:
-    def __init__(self, run_state: RunState, beta: float, reference: ReferenceWeights):
+    def __init__(self, run_state: RunState, beta: float, reference: ReferenceWeights, sft_weight: float = 0.0):
         self.run_state, self.beta, self.reference = run_state, beta, reference
+        self.sft_weight = sft_weight  # RPO: weight of the chosen answers' per-token NLL beside the DPO loss
 
     def __call__(self, state, data_iterator, model, return_schedule_plan: bool = False):
         timers = state.timers
@@ -99,15 +104,19 @@ class DPOStep:
     def loss(self, loss_mask: torch.Tensor, reference: torch.Tensor, pairs: int, output_tensor: torch.Tensor):
         policy = answer_logprobs(output_tensor, loss_mask)
         losses, margin = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
+        nll = chosen_nll(policy[:pairs], loss_mask[:pairs].sum(dim=1))
+        total = losses + self.sft_weight * nll
         count = torch.tensor(float(pairs), device=losses.device)
 
-        def mean(total):
-            return torch.stack([total.detach().float(), count])
+        def mean(summed):
+            return torch.stack([summed.detach().float(), count])
 
         report = {
-            "lm loss": mean(losses.sum()),
+            "lm loss": mean(total.sum()),
+            "dpo_loss": mean(losses.sum()),
+            "chosen_nll": mean(nll.sum()),  # per token: what the SFT term of stage.sft_weight pulls down
             "reward_margin": mean(margin.sum()),
             "preference_accuracy": mean((margin > 0).float().sum()),  # implicit rewards prefer chosen (TRL's)
             "policy_prefers_chosen": mean((policy[:pairs] > policy[pairs:]).float().sum()),
         }
-        return losses.sum(), count.to(torch.int), report
+        return total.sum(), count.to(torch.int), report

@@ -2,7 +2,7 @@
 DPO's sigmoid loss. No model in here: the forward steps (grpo.py, dpo.py) feed them log-probs.
 
 The formulas are NeMo-RL's (``ClippedPGLossFn``, ``calculate_baseline_and_std_per_prompt``, ``calculate_kl``)
-and TRL's sigmoid DPO; tests/test_preference.py checks them against TRL's trainers on the same tensors.
+and TRL's sigmoid DPO (with RPO's SFT term on the chosen answers); tests/test_preference.py checks them against TRL's trainers on the same tensors.
 """
 
 from dataclasses import dataclass
@@ -67,3 +67,10 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, reference_chosen: tor
     Returns (loss [pairs], margin [pairs] = beta * that difference: the implicit reward margin)."""
     margin = beta * ((chosen - reference_chosen) - (rejected - reference_rejected))
     return -F.logsigmoid(margin), margin
+
+
+def chosen_nll(chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """RPO's SFT term per pair: the chosen answer's negative log-probability per token [pairs], from its summed
+    log-prob and its token count (NeMo-RL's ``sft_loss_weight`` with averaged log-probs; TRL's "sft" loss type
+    pools the batch's tokens instead, the same value when the chosen answers have one length)."""
+    return -chosen / chosen_tokens.clamp(min=1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from nemo_pixellm import tiling
+from nemo_pixellm.data.dataset import trimmed_width
 from nemo_pixellm.data.samples import ShardSamples
 from nemo_pixellm.data.shards import BadRecord
 from nemo_pixellm.generate import Prompt, prompt_from_sample
@@ -93,19 +94,22 @@ def reward(said: str, answer: str, ended: bool, format_weight: float = 0.0) -> f
 def rollout_batch(prompts: list[Prompt], answers: list[list[int]], seq_length: int, pad_id: int) -> dict:
     """Training rows for (prompt, answer) pairs: tokens, next-token labels, a loss mask on the positions that
     predict an answer token, M-RoPE positions continuing the prompt's text positions (as decoding did), views
-    and grids: what ``TrainingSequences.collate_fn`` gives the model for a sample whose answer carries loss."""
-    rows = len(prompts)
-    tokens = torch.full((rows, seq_length), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(rows, seq_length)
+    and grids: what ``TrainingSequences.collate_fn`` gives the model for a sample whose answer carries loss.
+    Rows are as wide as the longest pair needs (``trimmed_width``): padding to seq_length cost 3x the compute."""
+    rows, lengths = len(prompts), [len(prompt.tokens) + len(answer) for prompt, answer in zip(prompts, answers)]
+    if max(lengths) > seq_length:
+        row = lengths.index(max(lengths))
+        raise ValueError(f"a prompt of {len(prompts[row].tokens)} tokens and an answer of {len(answers[row])} exceed "
+                         f"seq_length={seq_length}: lower stage.max_new_tokens or raise seq_length")
+    width = trimmed_width(max(lengths), seq_length)
+    tokens = torch.full((rows, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(rows, width)
     positions = []
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
         ids = prompt.tokens + answer
-        if len(ids) > seq_length:
-            raise ValueError(f"a prompt of {len(prompt.tokens)} tokens and an answer of {len(answer)} exceed "
-                             f"seq_length={seq_length}: lower stage.max_new_tokens or raise seq_length")
         tokens[i, :len(ids)] = torch.tensor(ids)
         loss_mask[i, len(prompt.tokens) - 1:len(ids) - 1] = 1.0  # position t predicts token t + 1
-        positions.append(tiling.mrope_positions(prompt.blocks + [tiling.TextBlock(seq_length - len(prompt.tokens))]))
+        positions.append(tiling.mrope_positions(prompt.blocks + [tiling.TextBlock(width - len(prompt.tokens))]))
     labels = torch.cat([tokens[:, 1:], torch.full((rows, 1), pad_id, dtype=torch.long)], dim=1)
     return {
         "tokens": tokens, "labels": labels, "loss_mask": loss_mask,
