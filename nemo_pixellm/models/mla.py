@@ -248,26 +248,29 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
         """cos and sin of the given table times YaRN's mscale, which ``_rotate`` multiplies in its plain case
         (None where it calls Megatron's apply_rotary_pos_emb). Every MLA layer of a model has the same rotary
         module: ``decode_step`` computes them once per step instead of once per layer."""
-        table, mscale = self._table(rope_table)
-        if self.config.rotary_interleaved or self.config.context_parallel_size > 1 or (
-                table.shape[-1] != self.config.qk_pos_emb_head_dim):
-            return None
-        return torch.cos(table) * mscale, torch.sin(table) * mscale
+        return self._cos_sin(*self._table(rope_table))
 
     def _table(self, rope_table: torch.Tensor) -> tuple[torch.Tensor, float]:
         with self.rotary_pos_emb.given(rope_table):
             out = self.rotary_pos_emb(rope_table.shape[0])
         return out if isinstance(out, tuple) else (out, 1.0)
 
+    def _cos_sin(self, table: torch.Tensor, mscale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.config.rotary_interleaved or self.config.context_parallel_size > 1 or (
+                table.shape[-1] != self.config.qk_pos_emb_head_dim):
+            return None
+        return torch.cos(table) * mscale, torch.sin(table) * mscale
+
     def _rotate(self, x: torch.Tensor, rope_table: torch.Tensor, cos_sin=None) -> torch.Tensor:
         """MLA's rope on the decoupled slices x [s, b, n, rope], with YaRN's mscale: Megatron's unfused
         apply_rotary_pos_emb as its MLA calls it (pairs de-interleaved, then rotate-half), written out for the
         one case decoding meets, at half its per-call cost (same operations, same numbers)."""
-        cos_sin = cos_sin if cos_sin is not None else self.rope_cos_sin(rope_table)
         if cos_sin is None:
             table, mscale = self._table(rope_table)
-            return apply_rotary_pos_emb(x, table, config=self.config, mscale=mscale, cp_group=self.pg_collection.cp,
-                                        mla_rotary_interleaved=True)
+            cos_sin = self._cos_sin(table, mscale)
+            if cos_sin is None:
+                return apply_rotary_pos_emb(x, table, config=self.config, mscale=mscale,
+                                            cp_group=self.pg_collection.cp, mla_rotary_interleaved=True)
         x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
         half = x.shape[-1] // 2
         cos, sin = cos_sin[0].to(x.dtype), cos_sin[1].to(x.dtype)
