@@ -37,7 +37,7 @@ class PixelGPTModel(GPTModel):
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [b, s] of logits [s, b, vocab]. With the whole vocabulary on this rank, torch's
         fused kernel in fp32: Megatron's vocab-parallel form runs ~10 ops and three all-reduces over a group of
-        one (1.3 ms of the tiny training step against 0.5 ms); the values agree to rounding."""
+        one (1.68 ms forward + backward on the tiny step's logits against 0.65 ms); the values agree to rounding."""
         if self.config.tensor_model_parallel_size > 1 or self.config.cross_entropy_loss_fusion:
             return super().compute_language_model_loss(labels, logits)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.t().reshape(-1), reduction="none")

@@ -2,7 +2,8 @@
 DPO's sigmoid loss. No model in here: the forward steps (grpo.py, dpo.py) feed them log-probs.
 
 The formulas are NeMo-RL's (``ClippedPGLossFn``, ``calculate_baseline_and_std_per_prompt``, ``calculate_kl``)
-and TRL's sigmoid DPO (with RPO's SFT term on the chosen answers); tests/test_preference.py checks them against TRL's trainers on the same tensors.
+and TRL's sigmoid DPO (with RPO's SFT term on the chosen answers); tests/test_preference_losses.py checks them
+against TRL's trainers on the same tensors.
 """
 
 from dataclasses import dataclass
