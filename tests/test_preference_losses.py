@@ -120,19 +120,25 @@ def trl_dpo_loss(logits, labels, completion_mask, ref_chosen, ref_rejected, beta
     return loss, trainer._metrics["train"]
 
 
-def test_dpo_loss_equals_trl_and_ln2_at_the_reference():
-    g = torch.Generator().manual_seed(3)
-    pairs, length, vocab = 4, 7, 11
+def dpo_case(seed: int, shorter_row: int, pairs: int = 4, length: int = 7, vocab: int = 11):
+    """Random logits and ids for ``pairs`` chosen then rejected rows, answers from position 3 (``shorter_row``
+    ends at 5), their summed answer log-probs and reference log-probs near them."""
+    g = torch.Generator().manual_seed(seed)
     logits = torch.randn(2 * pairs, length, vocab, generator=g)
     ids = torch.randint(0, vocab, (2 * pairs, length), generator=g)
     completion = torch.zeros(2 * pairs, length)
     completion[:, 3:] = 1.0
-    completion[1, 5:] = 0.0
+    completion[shorter_row, 5:] = 0.0
     per_token = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * completion[:, 1:]
     summed = per_token.sum(dim=1)
     chosen, rejected = summed[:pairs], summed[pairs:]
     ref_chosen, ref_rejected = chosen - torch.randn(pairs, generator=g), rejected + torch.randn(pairs, generator=g)
-    beta = 0.1
+    return logits, ids, completion, chosen, rejected, ref_chosen, ref_rejected
+
+
+def test_dpo_loss_equals_trl_and_ln2_at_the_reference():
+    pairs, beta = 4, 0.1
+    logits, ids, completion, chosen, rejected, ref_chosen, ref_rejected = dpo_case(3, shorter_row=1)
     loss, margin = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
     theirs, metrics = trl_dpo_loss(logits, ids, completion, ref_chosen, ref_rejected, beta)
     assert abs(float(loss.mean()) - float(theirs)) < 1e-6
@@ -145,17 +151,8 @@ def test_dpo_loss_equals_trl_and_ln2_at_the_reference():
 def test_dpo_with_the_sft_term_equals_trl_s_sigmoid_plus_sft():
     """RPO (stage.sft_weight): the DPO loss plus w x the chosen answers' per-token NLL equals TRL's
     loss_type=["sigmoid", "sft"] with weights [1, w] (chosen answers of one length: TRL pools their tokens)."""
-    g = torch.Generator().manual_seed(5)
-    pairs, length, vocab, weight = 4, 7, 11, 0.7
-    logits = torch.randn(2 * pairs, length, vocab, generator=g)
-    ids = torch.randint(0, vocab, (2 * pairs, length), generator=g)
-    completion = torch.zeros(2 * pairs, length)
-    completion[:, 3:] = 1.0
-    completion[pairs + 1, 5:] = 0.0  # a shorter rejected answer
-    per_token = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * completion[:, 1:]
-    summed = per_token.sum(dim=1)
-    chosen, rejected = summed[:pairs], summed[pairs:]
-    ref_chosen, ref_rejected = chosen - torch.randn(pairs, generator=g), rejected + torch.randn(pairs, generator=g)
+    pairs, weight = 4, 0.7
+    logits, ids, completion, chosen, rejected, ref_chosen, ref_rejected = dpo_case(5, shorter_row=pairs + 1)  # shorter: a rejected answer
     loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
     ours = loss + weight * chosen_nll(chosen, completion[:pairs, 1:].sum(dim=1))
     theirs, _ = trl_dpo_loss(logits, ids, completion, ref_chosen, ref_rejected, 0.1, sft_weight=weight)
