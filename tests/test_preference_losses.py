@@ -152,7 +152,8 @@ def test_dpo_with_the_sft_term_equals_trl_s_sigmoid_plus_sft():
     """RPO (stage.sft_weight): the DPO loss plus w x the chosen answers' per-token NLL equals TRL's
     loss_type=["sigmoid", "sft"] with weights [1, w] (chosen answers of one length: TRL pools their tokens)."""
     pairs, weight = 4, 0.7
-    logits, ids, completion, chosen, rejected, ref_chosen, ref_rejected = dpo_case(5, shorter_row=pairs + 1)  # shorter: a rejected answer
+    # the shorter answer is a rejected one: the chosen answers have one length
+    logits, ids, completion, chosen, rejected, ref_chosen, ref_rejected = dpo_case(5, shorter_row=pairs + 1)
     loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
     ours = loss + weight * chosen_nll(chosen, completion[:pairs, 1:].sum(dim=1))
     theirs, _ = trl_dpo_loss(logits, ids, completion, ref_chosen, ref_rejected, 0.1, sft_weight=weight)
