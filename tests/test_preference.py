@@ -192,8 +192,9 @@ def test_grpo_raises_the_reward_it_is_trained_on(trained_checkpoint, cache_dir, 
 
 @pytest.mark.slow
 def test_dpo_starts_at_ln2_and_reports_heldout_accuracy(trained_checkpoint, cache_dir, tmp_path):
+    # Pairs on one image: step 2 asks step 1's questions again (other wrong answers), so its loss shows the update.
     proc = run_train(["+stage=stage4", "stage.algorithm=dpo", "logger.log_interval=1", "dataset.num_workers=0",
-                      "dataset.image_size=112", "dataset.max_tiles=4", f"stage.init_from={trained_checkpoint}",
+                      "dataset.synthetic_prompt_samples=1", "dataset.image_size=112", "dataset.max_tiles=4", f"stage.init_from={trained_checkpoint}",
                       "train.train_iters=2", "train.global_batch_size=8", "train.micro_batch_size=8",
                       "optimizer.lr=1e-3", "optimizer.min_lr=1e-3", "scheduler.lr_warmup_iters=0",
                       "validation.eval_interval=2", "validation.eval_iters=1",
@@ -264,8 +265,9 @@ def test_grpo_asks_only_the_question_types_it_is_given(cache_dir, tmp_path):
         groups(["poem"]).draw(0)
 
 
-def test_grpo_asks_about_scenes_no_earlier_stage_trained_on(cache_dir):
-    """On the synthetic set GRPO's questions come from a split of their own (seed + 3), not the training split."""
+def test_stage4_asks_about_scenes_no_earlier_stage_trained_on(cache_dir):
+    """On the synthetic set GRPO's questions and DPO's pairs come from a split of their own (seed + 3), not the
+    training split."""
     from nemo_pixellm.data import sources
     from nemo_pixellm.data.provider import PixelLMDataConfig
 
@@ -277,6 +279,10 @@ def test_grpo_asks_about_scenes_no_earlier_stage_trained_on(cache_dir):
     prompt_keys = {reader[i]["__key__"] for i in range(len(reader))}
     assert len(prompt_keys) == 16 and all(k.startswith(f"{config.seed + 3:04d}_") for k in prompt_keys)
     assert {groups.draw(g).key for g in range(8)} <= prompt_keys
+    config.generations, config.task = 0, "preference"
+    pairs = sources.train_dataset(config, tokenizer, 32)
+    pair_images = {bytes(pairs.records.reader[i]["jpg"]) for i in range(len(pairs.records))}
+    assert len(pair_images) == 16 and pair_images == {bytes(reader[i]["jpg"]) for i in range(len(reader))}
 
 
 def test_malformed_preference_records_are_skipped_and_counted(cache_dir, tmp_path):
@@ -333,9 +339,10 @@ def test_pairs_refuse_answers_that_cannot_differ(answers, temperature, tmp_path,
 
 @pytest.mark.slow
 def test_dpo_pairs_from_the_model_s_own_answers(trained_checkpoint, cache_dir, tmp_path, monkeypatch):
-    """python -m nemo_pixellm.preference.pairs: each pair's rejected answer is the stage-3 model's greedy answer
-    to that question (decoded again here without the cache) when wrong; the shards pass stage 4's data check
-    and read back as pairs whose answer tokens are the chosen and rejected answers."""
+    """python -m nemo_pixellm.preference.pairs: for the questions of the checkpoint's stage-4 split (the default),
+    each pair's rejected answer is the stage-3 model's greedy answer to that question (decoded again here without
+    the cache) when wrong; the shards pass stage 4's data check and read back as pairs whose answer tokens are the
+    chosen and rejected answers."""
     import json
 
     from nemo_pixellm.data import sources
@@ -351,21 +358,21 @@ def test_dpo_pairs_from_the_model_s_own_answers(trained_checkpoint, cache_dir, t
     print(summary)
     model, data_config, _ = load(str(trained_checkpoint))
     tokenizer = sources.load_tokenizer(data_config)
-    train = ShardSamples(sources.data_paths(data_config)[0], tokenizer, "vqa", max_tiles=data_config.max_tiles)
+    split = ShardSamples(sources.stage4_path(data_config), tokenizer, "vqa", max_tiles=data_config.max_tiles)
     reader = ShardReader(tmp_path / "pairs")
     metas = [json.loads(reader[i]["json"]) for i in range(len(reader))]
-    asked = [(r, q) for r in range(3) for q in range(len(json.loads(train.reader[r]["json"])["qa"]))]
+    asked = [(r, q) for r in range(3) for q in range(len(json.loads(split.reader[r]["json"])["qa"]))]
     assert len(metas) == len(asked) == summary["pairs"]
     assert summary["rejected_from_model"] + summary["rejected_from_distractor"] == summary["pairs"]
     assert summary["rejected_from_model"] > 0
     for meta, (record, number), i in zip(metas, asked, range(len(metas))):
-        sample = train.sample(number * len(train) + record, data_config.image_size, data_config.seq_length)
+        sample = split.sample(number * len(split) + record, data_config.image_size, data_config.seq_length)
         said = tokenizer.decode(generate(model, [prompt_from_sample(sample)], tokenizer.eos_id, tokenizer.pad_id,
                                          max_new_tokens=6, use_cache=False)[0]).strip()
-        qa = json.loads(train.reader[record]["json"])["qa"][number]
+        qa = json.loads(split.reader[record]["json"])["qa"][number]
         assert (meta["question"], meta["chosen"], meta["type"]) == (qa["q"], qa["a"], qa["type"])
         assert meta["rejected"] == said if meta["rejected_from"] == "model" else said in ("", qa["a"])
-        assert reader[i]["jpg"] == train.reader[record]["jpg"]
+        assert reader[i]["jpg"] == split.reader[record]["jpg"]
     cfg = compose_cfg(["+stage=stage4", "stage.algorithm=dpo", f"stage.init_from={trained_checkpoint}",
                        f"dataset.path={tmp_path / 'pairs'}", "dataset.image_size=112", "dataset.max_tiles=4"])
     assert build_config(cfg, world_size=1).dataset.task == "preference"

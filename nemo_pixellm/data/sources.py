@@ -118,9 +118,10 @@ def data_paths(config) -> tuple[Path, Path | None]:
     return Path(config.path), Path(config.valid_path) if config.valid_path else None
 
 
-def prompt_path(config) -> Path:
-    """Stage-4 GRPO's questions: dataset.path, or for the synthetic set a split of its own, apart from the SFT
-    data as an RL prompt set is: rewards earned on images whose answers the model was never trained on."""
+def stage4_path(config) -> Path:
+    """Stage 4's data: dataset.path, or for the synthetic set a split of its own (seed + 3), apart from the SFT
+    data as an RL prompt set is: GRPO's questions and DPO's pairs are about images no earlier stage trained on
+    (on memorised training images DPO's held-out chosen NLL rose 0.001 -> 2.4 while the training one stayed 0.02)."""
     if config.path is not None:
         return Path(config.path)
     return ensure_synthetic(cache_dir(config), "prompts", config.synthetic_prompt_samples, config.seed + 3,
@@ -135,14 +136,14 @@ def train_dataset(config, tokenizer, num_sequences: int):
     if config.generations:  # stage-4 GRPO: questions in groups, answered by the policy during training
         from nemo_pixellm.preference.rollouts import PromptGroups
 
-        return PromptGroups(_samples(config, prompt_path(config), tokenizer, "vqa"), config.generations, num_sequences,
+        return PromptGroups(_samples(config, stage4_path(config), tokenizer, "vqa"), config.generations, num_sequences,
                             config.image_size, config.seq_length, config.seed, config.question_types)
-    train_path, _ = data_paths(config)
     if config.task == "preference":
         from nemo_pixellm.preference.dpo import PreferencePairs
 
-        return PreferencePairs(_samples(config, train_path, tokenizer, "preference"), num_sequences,
+        return PreferencePairs(_samples(config, stage4_path(config), tokenizer, "preference"), num_sequences,
                                config.image_size, config.seq_length, config.seed)
+    train_path, _ = data_paths(config)
     image_share = 1.0 - config.text_ratio
     sources, shares = [_samples(config, train_path, tokenizer, config.task)], [image_share * (1.0 - config.chat_ratio)]
     if config.chat_ratio > 0:  # the same records read a second way: their conversations

@@ -2,10 +2,11 @@
 chosen and rejected answers under the policy and the frozen reference.
 
 Pairs come from ``data_prep.preference`` shards (RLAIF-V's question / chosen / rejected) or, on the synthetic
-set, from its known answers: chosen = the answer, rejected = a wrong one of the same type. Reference
-log-probs are computed beside the policy's, micro-batch by micro-batch, with the reference weights swapped
-into the same modules (NeMo-RL's way): nothing to precompute or store, and the pairs stay a pure function
-of the index, so resume and layouts need nothing extra; the cost is one no-grad forward per micro-batch.
+set, from the known answers of its stage-4 split (``sources.stage4_path``): chosen = the answer, rejected = a
+wrong one of the same type. Reference log-probs are computed beside the policy's, micro-batch by micro-batch,
+with the reference weights swapped into the same modules (NeMo-RL's way): nothing to precompute or store,
+and the pairs stay a pure function of the index, so resume and layouts need nothing extra; the cost is one
+no-grad forward per micro-batch.
 """
 
 import random

@@ -1,5 +1,5 @@
-"""DPO pairs from a trained model's own mistakes: for the questions of a VQA shard set (the synthetic training
-split by default), chosen = the known answer, rejected = the answer the model gives when it is wrong, else a
+"""DPO pairs from a trained model's own mistakes: for the questions of a VQA shard set (the synthetic stage-4
+split by default, images no earlier stage trained on), chosen = the known answer, rejected = the answer the model gives when it is wrong, else a
 wrong answer of the same type (``synthetic.distractor``). Written as ``data_prep.preference`` records, so stage
 4 DPO reads them with ``dataset.path``:
 
@@ -27,7 +27,7 @@ class PairArgs:
     checkpoint: str = "???"
     out: str = "???"
     samples: int = 2000  # records (images) to ask; every question of each
-    data: str | None = None  # VQA shards (default: the checkpoint's training split)
+    data: str | None = None  # VQA shards (default: the checkpoint's stage-4 split, sources.stage4_path)
     batch_size: int = 16
     max_new_tokens: int = 6
     temperature: float = 0.0
@@ -67,7 +67,7 @@ def build_pairs(args: PairArgs) -> dict:
     if args.ema:
         load_ema_into(model, directory)
     tokenizer = sources.load_tokenizer(data_config)
-    shards = args.data or sources.data_paths(data_config)[0]
+    shards = args.data or sources.stage4_path(data_config)
     questions = ShardSamples(shards, tokenizer, "vqa", data_config.patch_size, data_config.downsample,
                              data_config.max_tiles, key="data" if args.data else "dataset.path")
     jobs = question_jobs(questions, args.samples)

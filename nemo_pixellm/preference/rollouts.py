@@ -2,7 +2,7 @@
 rows built from both.
 
 Sequence index i of the run (Megatron's sampler hands them out in order, global_batch_size per step) is
-answer i % G of prompt group i // G. A group's question is drawn from the training split by (seed, group)
+answer i % G of prompt group i // G. A group's question is drawn from the stage-4 split by (seed, group)
 alone, and so is the random stream its G answers are sampled with: a resumed run, or one on another
 parallel layout, draws the same questions and, with the same weights, the same answers.
 """
