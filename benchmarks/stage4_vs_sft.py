@@ -13,8 +13,8 @@ Then every checkpoint is evaluated on the held-out split as stage_chain does. Pr
 exact match of the start and each arm, each arm's gain on --targets (issue 15's weakest types: position and
 colour of a named object) and its largest loss on any type, DPO's held-out preference accuracy. Issue 15's
 targets: GRPO at least 5 points above the start on the targets, no type more than 1 point down, the control
-beside it; DPO at 95 %
-held-out preference accuracy or more with exact match within 1 point of the start. Run it alone.
+beside it; DPO at 95 % held-out preference accuracy or more with exact match within 1 point of the start. Run it
+alone.
 """
 
 import argparse
