@@ -194,7 +194,8 @@ def test_grpo_raises_the_reward_it_is_trained_on(trained_checkpoint, cache_dir, 
 def test_dpo_starts_at_ln2_and_reports_heldout_accuracy(trained_checkpoint, cache_dir, tmp_path):
     # Pairs on one image: step 2 asks step 1's questions again (other wrong answers), so its loss shows the update.
     proc = run_train(["+stage=stage4", "stage.algorithm=dpo", "logger.log_interval=1", "dataset.num_workers=0",
-                      "dataset.synthetic_prompt_samples=1", "dataset.image_size=112", "dataset.max_tiles=4", f"stage.init_from={trained_checkpoint}",
+                      "dataset.synthetic_prompt_samples=1", "dataset.image_size=112", "dataset.max_tiles=4",
+                      f"stage.init_from={trained_checkpoint}",
                       "train.train_iters=2", "train.global_batch_size=8", "train.micro_batch_size=8",
                       "optimizer.lr=1e-3", "optimizer.min_lr=1e-3", "scheduler.lr_warmup_iters=0",
                       "validation.eval_interval=2", "validation.eval_iters=1",

@@ -1,7 +1,7 @@
 """DPO pairs from a trained model's own mistakes: for the questions of a VQA shard set (the synthetic stage-4
-split by default, images no earlier stage trained on), chosen = the known answer, rejected = the answer the model gives when it is wrong, else a
-wrong answer of the same type (``synthetic.distractor``). Written as ``data_prep.preference`` records, so stage
-4 DPO reads them with ``dataset.path``:
+split by default, images no earlier stage trained on), chosen = the known answer, rejected = the answer the model
+gives when it is wrong, else a wrong answer of the same type (``synthetic.distractor``). Written as
+``data_prep.preference`` records, so stage 4 DPO reads them with ``dataset.path``:
 
     python -m nemo_pixellm.preference.pairs checkpoint=<stage-3 checkpoint.save> out=<dir> [samples=2000]
         [data=<VQA shards>] [batch_size=16] [max_new_tokens=6] [temperature=0] [answers=1] [seed=0] [ema=false]
