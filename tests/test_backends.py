@@ -152,11 +152,9 @@ def test_grouped_experts_equal_megatron_sequential_mlp(megatron_single_process):
 def test_moe_inference_without_the_dispatcher_equals_megatron_s_layer(megatron_single_process):
     """Without autograd the MoE layer skips the token dispatcher (moe_layer.py): its output equals Megatron's
     MoELayer forward (router, alltoall dispatcher, experts, combine, shared expert) bit for bit, with experts that
-    get no token, padding rows the router leaves out, and one token per row as in decoding; with autograd the
-    layer is Megatron's."""
+    get no token, padding rows the router leaves out, and one token per row as in decoding."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from nemo_pixellm.models.grouped_experts import GroupedLocalExperts
     from nemo_pixellm.models.moe_layer import PixelMoELayer
 
     model = tiny_model(megatron_single_process, seed=3).eval()
@@ -175,10 +173,34 @@ def test_moe_inference_without_the_dispatcher_equals_megatron_s_layer(megatron_s
             megatrons, _ = MoELayer.forward(layer, hidden, padding_mask=padding)
         assert torch.equal(ours, megatrons), (seq, batch, padded)
     assert len(calls) == 4 and any((n == 0).any() for n in calls) and any((n > 1).any() for n in calls)
-    with torch.enable_grad():  # training: Megatron's forward (the dispatcher, the grouped GEMMs)
-        hidden.requires_grad_()
-        layer(hidden)[0].sum().backward()
-    assert len(calls) == 4 and hidden.grad is not None and isinstance(layer.experts, GroupedLocalExperts)
+
+
+def test_moe_training_without_the_dispatcher_equals_megatron_s_layer(megatron_single_process):
+    """In training, on one rank, the MoE layer routes by index instead of through the token dispatcher: output,
+    input gradient, every weight's gradient and the router's expert-bias token counts equal those of Megatron's
+    MoELayer forward (router, alltoall dispatcher, experts, combine, shared expert). (No padding mask: Megatron
+    0.19.2's expert-bias count cannot broadcast one, in either path.)"""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    model = tiny_model(megatron_single_process, seed=3).train()
+    layer = model.language_model.decoder.layers[1].mlp
+    assert layer._dispatch_free() and layer.router.expert_bias is not None
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, 3, TINY_LM["hidden_size"], generator=generator)
+    upstream = torch.randn(hidden.shape, generator=generator)
+    results = []
+    for forward in (layer.forward, lambda x: MoELayer.forward(layer, x)):
+        layer.zero_grad(set_to_none=True)
+        layer.router.local_tokens_per_expert.zero_()
+        x = hidden.clone().requires_grad_()
+        out, _ = forward(x)
+        (out * upstream).sum().backward()
+        grads = [p.grad for p in layer.parameters()]
+        assert all(g is not None for g in grads)
+        results.append([out.detach(), x.grad, layer.router.local_tokens_per_expert.clone(), *grads])
+    assert results[0][2].sum() == 12 * 3 * layer.router.topk
+    for ours, megatrons in zip(*results):
+        torch.testing.assert_close(ours, megatrons, rtol=1e-6, atol=1e-7)
 
 
 def test_plain_inference_linears_equal_megatron_s(megatron_single_process, monkeypatch):
@@ -280,3 +302,29 @@ def test_packed_attention_equals_softmax_attention_per_sample(megatron_single_pr
     expected_grads = torch.autograd.grad((expected * upstream).sum(), (q, k, value))
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_short_causal_attention_equals_sdpa(megatron_single_process, monkeypatch):
+    """Short causal self-attention on a CPU is two batched products over the score matrix (core_attention.py):
+    values and q / k / v gradients equal torch SDPA's (the path longer sequences take), with MLA's narrower v."""
+    from nemo_pixellm.models import core_attention
+
+    model = tiny_model(megatron_single_process, seed=3)
+    attention = model.language_model.decoder.layers[0].self_attention.core_attention
+    short_calls = []
+    short = core_attention.SDPACoreAttention._short_causal
+    monkeypatch.setattr(core_attention.SDPACoreAttention, "_short_causal",
+                        lambda self, *a: short_calls.append(a[0].shape) or short(self, *a))
+    generator, short_limit = torch.Generator().manual_seed(0), core_attention.SHORT_CAUSAL
+    for seq in (1, 7, 40):
+        q, k, v = (torch.randn(seq, 3, 4, d, generator=generator) for d in (32, 32, 16))  # [s, b, heads, dim]
+        upstream = torch.randn(seq, 3, 4 * 16, generator=generator)
+        results = []
+        for longest in (short_limit, 0):
+            monkeypatch.setattr(core_attention, "SHORT_CAUSAL", longest)
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = attention(*inputs, None)
+            results.append([out, *torch.autograd.grad((out * upstream).sum(), inputs)])
+        for ours, sdpa in zip(*results):
+            torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-6)
+    assert len(short_calls) == 3

@@ -65,11 +65,15 @@ class GroupedLocalExperts(SequentialMLP):
         ascending within an expert, as the dispatcher permutes them; each expert's outputs added back at their
         tokens in that order, as its unpermute sums them."""
         order = experts.flatten().argsort(stable=True)  # a token holds an expert once: ties keep token order
-        expert_of, row_of = experts.flatten()[order], order // experts.shape[1]
+        return self.by_pairs(tokens, order // experts.shape[1], experts.flatten()[order], probs.flatten()[order])
+
+    def by_pairs(self, tokens: torch.Tensor, token_of: torch.Tensor, expert_of: torch.Tensor,
+                 probs: torch.Tensor) -> torch.Tensor:
+        """tokens [t, h] -> [t, h]: the routed (token, expert) pairs, in expert order with tokens ascending within
+        an expert, and their probabilities; each pair's output added back at its token."""
         counts = torch.bincount(expert_of, minlength=self.num_local_experts)
-        with torch.no_grad():
-            outputs, _ = self.forward(tokens[row_of], counts, probs.flatten()[order])
-        return torch.zeros_like(tokens).index_add_(0, row_of, outputs)
+        outputs, _ = self.forward(tokens.index_select(0, token_of), counts, probs)
+        return torch.zeros_like(tokens).index_add_(0, token_of, outputs)
 
     def _expert(self, e: int, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         expert = self.local_experts[e]

@@ -18,11 +18,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 
 from nemo_pixellm.models.mla import LatentCache, PixelMLASelfAttention, RopeTable, mla_rotary
+from nemo_pixellm.models.parallel_linear import LocalColumnParallelLinear
 
 
 class PixelGPTModel(GPTModel):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        if self.post_process:  # GPTModel builds Megatron's own linear here, whatever the spec: same parameters
+            self.output_layer.__class__ = LocalColumnParallelLinear
         base = mla_rotary(config, self.pg_collection.cp) if config.multi_latent_attention else self.rotary_pos_emb
         self.rope_table = RopeTable(base, config.mrope_section, getattr(config, "mrope_interleaved", False))
 

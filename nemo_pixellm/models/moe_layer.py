@@ -1,13 +1,14 @@
-"""Megatron's MoE layer, with a path for the local backend's inference that skips the token dispatcher.
+"""Megatron's MoE layer, with paths for the local backend that skip the token dispatcher.
 
-Without autograd, on one expert-parallel and tensor-parallel rank, the routed tokens need no all-to-all and no
-permutation: each expert that got tokens reads them by index and adds its output back at the same rows
-(``GroupedLocalExperts.by_expert_index``). The routing is Megatron's own top-k function on the router's gate
-(same weights, bias and score function) in its dense form ([tokens, k] probabilities and expert indices, as
-Megatron's InferenceTopKRouter asks for it), and the sum is Megatron's: routed output + shared expert output.
-The dispatcher's permute, chunk sort and unpermute were ~40% of the layer's time when decoding one token per row
-on a CPU, the router's sparse [tokens, experts] map and its search another ~10% (issue 22's profiles).
-"""
+On one expert-parallel and tensor-parallel rank the routed tokens need no all-to-all: each expert reads its
+tokens by index and adds its output back at the same rows (``GroupedLocalExperts.by_pairs``), in the order
+and with the sums Megatron's permute / unpermute use. Without autograd the routing is Megatron's own top-k
+function on the router's gate (same weights, bias and score function) in its dense form ([tokens, k]
+probabilities and expert indices, as Megatron's InferenceTopKRouter asks for it); in training it is the
+router's full forward (aux losses, expert-bias counts). The dispatcher's permute, chunk sort and unpermute were
+~40% of the layer's time when decoding one token per row on a CPU, the router's sparse [tokens, experts] map and
+its search another ~10%; in the tiny training step the dispatcher was ~10% of the layer's forward + backward
+(issue 22's profiles)"""
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -20,13 +21,27 @@ from nemo_pixellm.models.router import PixelTopKRouter
 
 class PixelMoELayer(MoELayer):
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
-        if torch.is_grad_enabled() or intermediate_tensors is not None or not self._dispatch_free():
+        if intermediate_tensors is not None or not self._dispatch_free():
             return super().forward(hidden_states, intermediate_tensors, padding_mask)
+        if torch.is_grad_enabled():
+            return self._train_without_dispatcher(hidden_states, padding_mask)
         # Padding only changes what training's aux losses and expert-bias counts see: not needed here.
         shared = self.shared_experts_compute(hidden_states)
         probs, experts = self._top_k(hidden_states)
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
         output = self.experts.by_expert_index(tokens, probs, experts).view_as(hidden_states)
+        return (output if shared is None else output + shared), None
+
+    def _train_without_dispatcher(self, hidden_states: torch.Tensor, padding_mask) -> tuple[torch.Tensor, None]:
+        """Training: Megatron's router forward (its aux losses, expert-bias token counts, jitter), then the
+        routed (token, expert) pairs in the order the dispatcher permutes them (expert-major, tokens ascending)."""
+        if padding_mask is not None:  # as MoELayer.forward hands it to the router: [s, b], True = real token
+            padding_mask = padding_mask.transpose(0, 1).bool()
+        shared = self.shared_experts_compute(hidden_states)
+        probs, routing_map = self.route(hidden_states, padding_mask)  # [tokens, experts] each
+        expert_of, token_of = routing_map.t().nonzero(as_tuple=True)
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        output = self.experts.by_pairs(tokens, token_of, expert_of, probs[token_of, expert_of]).view_as(hidden_states)
         return (output if shared is None else output + shared), None
 
     def _top_k(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +63,9 @@ class PixelMoELayer(MoELayer):
             router.routing_type not in ("sinkhorn", "quantile_balancing") and c.moe_expert_capacity_factor is None
             and not getattr(c, "moe_router_force_load_balancing", False)
             and getattr(c, "moe_router_force_biased", None) is None)
-        return (plain_router and isinstance(self.experts, GroupedLocalExperts) and get_pg_size(self.ep_group) == 1
+        unsplit = not (self.moe_layer_recompute or self.shared_expert_overlap
+                       or c.overlap_dispatch_backward_with_experts_wgrad)  # MoELayer.forward's other paths
+        return (plain_router and unsplit and isinstance(self.experts, GroupedLocalExperts)
+                and get_pg_size(self.ep_group) == 1
                 and get_pg_size(self.tp_group) == 1 and not self.config.moe_latent_size
                 and self.experts.loop_applies())

@@ -26,9 +26,10 @@ def _plain(linear) -> bool:
     return plain
 
 
-def _product(linear, x: torch.Tensor):
-    """Megatron's linear output pair: (x W^T + b, None), or (x W^T, b) with skip_bias_add."""
-    output = torch.matmul(x, linear.weight.t())
+def _product(linear, x: torch.Tensor, weight: torch.Tensor | None = None):
+    """Megatron's linear output pair: (x W^T + b, None), or (x W^T, b) with skip_bias_add. ``weight`` replaces
+    the layer's own (GPTModel's output layer is given the embedding table when the two are tied)."""
+    output = torch.matmul(x, (linear.weight if weight is None else weight).t())
     if linear.skip_bias_add:
         return output, linear.bias
     return (output + linear.bias if linear.bias is not None else output), None
@@ -36,9 +37,9 @@ def _product(linear, x: torch.Tensor):
 
 class LocalColumnParallelLinear(ColumnParallelLinear):
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        if weight is not None or not _plain(self):
+        if not _plain(self):
             return super().forward(input_, weight, runtime_gather_output)
-        return _product(self, input_)
+        return _product(self, input_, weight)
 
 
 class LocalRowParallelLinear(RowParallelLinear):
