@@ -316,7 +316,7 @@ def test_short_causal_attention_equals_sdpa(megatron_single_process, monkeypatch
     monkeypatch.setattr(core_attention.SDPACoreAttention, "_short_causal",
                         lambda self, *a: short_calls.append(a[0].shape) or short(self, *a))
     generator, short_limit = torch.Generator().manual_seed(0), core_attention.SHORT_CAUSAL
-    for seq in (1, 7, 40):
+    for seq in (1, 7, 40, 300):  # 300: three query blocks
         q, k, v = (torch.randn(seq, 3, 4, d, generator=generator) for d in (32, 32, 16))  # [s, b, heads, dim]
         upstream = torch.randn(seq, 3, 4 * 16, generator=generator)
         results = []
@@ -327,4 +327,4 @@ def test_short_causal_attention_equals_sdpa(megatron_single_process, monkeypatch
             results.append([out, *torch.autograd.grad((out * upstream).sum(), inputs)])
         for ours, sdpa in zip(*results):
             torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-6)
-    assert len(short_calls) == 3
+    assert len(short_calls) == 4

@@ -122,22 +122,28 @@ class SDPACoreAttention(MegatronModule):
         return out[..., :v_dim].permute(2, 0, 1, 3).reshape(seq_q, batch, heads * v_dim)
 
     def _short_causal(self, q, k, v) -> torch.Tensor:
-        """Causal attention of a short sequence as two batched products over the whole score matrix, for CPUs:
-        [b, n, s, d] -> [b * n, s, v_dim]. Up to SHORT_CAUSAL tokens this costs 0.6-0.9x torch's CPU flash
-        kernel forward + backward (its blocks are built for long rows), and needs no zero-padded v."""
+        """Causal attention of a short sequence on a CPU as batched products over the score matrix, in blocks of
+        QUERY_BLOCK queries (each reads the keys up to its last query): [b, n, s, d] -> [b * n, s, v_dim]. At 2
+        threads and up to SHORT_CAUSAL tokens this costs 0.6-0.7x torch's CPU flash kernel forward + backward
+        (its blocks are built for long rows; 8-32 heads x batch, q/k width 32 or 96), and needs no zero-padded v."""
         batch, heads, seq, dim = q.shape
         q, k, v = (t.reshape(batch * heads, seq, t.shape[-1]) for t in (q, k, v))
         future = torch.full((seq, seq), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         scale = self.softmax_scale if self.softmax_scale is not None else dim ** -0.5
-        probs = torch.baddbmm(future, q, k.transpose(1, 2), alpha=scale).softmax(-1)
-        if self.training and self.dropout_p:
-            probs = F.dropout(probs, self.dropout_p)
-        return torch.bmm(probs, v)
+        outputs = []
+        for first in range(0, seq, QUERY_BLOCK):
+            last = min(first + QUERY_BLOCK, seq)
+            keys = k[:, :last].transpose(1, 2)
+            probs = torch.baddbmm(future[first:last, :last], q[:, first:last], keys, alpha=scale).softmax(-1)
+            if self.training and self.dropout_p:
+                probs = F.dropout(probs, self.dropout_p)
+            outputs.append(torch.bmm(probs, v[:, :last]))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
-# Longest self-attention (tokens) that _short_causal handles on a CPU: past ~256 tokens torch's flash kernel is
-# faster (2 threads, 8-32 heads x batch: 0.6-0.7x at 64-128 tokens, 0.7-1.0x at 256, 1.3-1.5x at 512).
-SHORT_CAUSAL = 256
+# Longest self-attention (tokens) that _short_causal computes on a CPU, and its query block. Forward + backward
+# against torch's flash kernel (2 threads): 0.6-0.7x at 128-512 tokens; 0.9x at 768; 1.0x at 1024.
+SHORT_CAUSAL, QUERY_BLOCK = 512, 128
 
 
 @contextlib.contextmanager
