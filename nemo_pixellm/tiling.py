@@ -136,8 +136,9 @@ def tile_image(image: Image.Image, layout: ImageLayout, tile: int = TILE) -> lis
 def to_pixels(view: Image.Image) -> torch.Tensor:
     """PIL RGB -> [3, H, W] uint8. Views stay uint8 until the model (``normalise``): a quarter of the bytes from
     the data workers and to the GPU, and the conversion runs once per batch instead of once per view."""
-    data = torch.frombuffer(bytearray(view.tobytes()), dtype=torch.uint8)
-    return data.view(view.height, view.width, 3).permute(2, 0, 1).contiguous()
+    # PIL's band split writes the planes: a third of the time of permuting interleaved RGB bytes in torch
+    planes = bytearray(b"".join(band.tobytes() for band in view.split()))
+    return torch.frombuffer(planes, dtype=torch.uint8).view(3, view.height, view.width)
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
