@@ -114,6 +114,27 @@ def test_lean_decoding_step_equals_megatrons_layers(model, monkeypatch):
         lean_steps.clear()
 
 
+def test_one_row_products_as_row_sums_decode_the_same(model, monkeypatch):
+    """At batch 1 a decoding step's linears (MLA's projections, MLP, experts, output layer) are multiply + row sum
+    for weights past parallel_linear.ROW_PRODUCT_MIN_WEIGHT: with the limit at 0 (the tiny model's weights are
+    below it) every step's logits equal BLAS's products within 1e-6, and so do the greedy tokens."""
+    from nemo_pixellm.models import parallel_linear
+
+    prompt = _prompts(torch.Generator().manual_seed(6))[:1]
+    rows = []
+    row_sums = parallel_linear.row_sums
+    monkeypatch.setattr(parallel_linear, "row_sums", lambda x, weight: rows.append(1) or row_sums(x, weight))
+    results = []
+    for limit in (parallel_linear.ROW_PRODUCT_MIN_WEIGHT, 0):
+        monkeypatch.setattr(parallel_linear, "ROW_PRODUCT_MIN_WEIGHT", limit)
+        scores = []
+        results.append((generate(model, prompt, eos_id=1, pad_id=0, max_new_tokens=8, scores=scores), scores))
+    assert len(rows) > 7 * 15  # with the limit at 0: each step's one-row products (2 layers, output layer)
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_never_emits_the_image_placeholder(model):
     """A model that prefers the image token everywhere still decodes text: the placeholder has no image
     behind it (an untrained model used to emit it and crash the cached step). The tokens are the best others."""

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from nemo_pixellm.models.parallel_linear import linear_product
+
 
 class ReplicatedLinear(MegatronModule):
     """y = x W^T (+ b) with the full weight on every tensor-parallel rank; Megatron's linear interface."""
@@ -26,8 +28,8 @@ class ReplicatedLinear(MegatronModule):
             param.sequence_parallel = config.sequence_parallel  # partial grads under SP: sum across TP
 
     def forward(self, x: torch.Tensor):
-        if self.skip_bias_add:
-            return F.linear(x, self.weight), self.bias
+        if self.skip_bias_add or self.bias is None:
+            return linear_product(x, self.weight), self.bias
         return F.linear(x, self.weight, self.bias), None
 
     def get_extra_state(self) -> None:
