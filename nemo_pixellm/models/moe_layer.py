@@ -8,7 +8,7 @@ probabilities and expert indices, as Megatron's InferenceTopKRouter asks for it)
 router's full forward (aux losses, expert-bias counts). The dispatcher's permute, chunk sort and unpermute were
 ~40% of the layer's time when decoding one token per row on a CPU, the router's sparse [tokens, experts] map and
 its search another ~10%; in the tiny training step the dispatcher was ~10% of the layer's forward + backward
-(issue 22's profiles)"""
+(issue 22's profiles)."""
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -23,25 +23,19 @@ class PixelMoELayer(MoELayer):
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         if intermediate_tensors is not None or not self._dispatch_free():
             return super().forward(hidden_states, intermediate_tensors, padding_mask)
+        shared = self.shared_experts_compute(hidden_states)
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
         if torch.is_grad_enabled():
-            return self._train_without_dispatcher(hidden_states, padding_mask)
-        # Padding only changes what training's aux losses and expert-bias counts see: not needed here.
-        shared = self.shared_experts_compute(hidden_states)
-        probs, experts = self._top_k(hidden_states)
-        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        output = self.experts.by_expert_index(tokens, probs, experts).view_as(hidden_states)
-        return (output if shared is None else output + shared), None
-
-    def _train_without_dispatcher(self, hidden_states: torch.Tensor, padding_mask) -> tuple[torch.Tensor, None]:
-        """Training: Megatron's router forward (its aux losses, expert-bias token counts, jitter), then the
-        routed (token, expert) pairs in the order the dispatcher permutes them (expert-major, tokens ascending)."""
-        if padding_mask is not None:  # as MoELayer.forward hands it to the router: [s, b], True = real token
-            padding_mask = padding_mask.transpose(0, 1).bool()
-        shared = self.shared_experts_compute(hidden_states)
-        probs, routing_map = self.route(hidden_states, padding_mask)  # [tokens, experts] each
-        expert_of, token_of = routing_map.t().nonzero(as_tuple=True)
-        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        output = self.experts.by_pairs(tokens, token_of, expert_of, probs[token_of, expert_of]).view_as(hidden_states)
+            # Megatron's router forward (aux losses, expert-bias token counts, jitter); its [tokens, experts] map
+            # read expert-major, tokens ascending: the order the dispatcher permutes them in.
+            if padding_mask is not None:  # as MoELayer.forward hands it to the router: [s, b]
+                padding_mask = padding_mask.transpose(0, 1).bool()
+            probs, routing_map = self.route(hidden_states, padding_mask)
+            expert_of, token_of = routing_map.t().nonzero(as_tuple=True)
+            routed = self.experts.by_pairs(tokens, token_of, expert_of, probs[token_of, expert_of])
+        else:  # padding only changes what training's aux losses and expert-bias counts see: not needed here
+            routed = self.experts.by_expert_index(tokens, *self._top_k(hidden_states))
+        output = routed.view_as(hidden_states)
         return (output if shared is None else output + shared), None
 
     def _top_k(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
