@@ -305,8 +305,9 @@ def test_packed_attention_equals_softmax_attention_per_sample(megatron_single_pr
 
 
 def test_short_causal_attention_equals_sdpa(megatron_single_process, monkeypatch):
-    """Short causal self-attention on a CPU is two batched products over the score matrix (core_attention.py):
-    values and q / k / v gradients equal torch SDPA's (the path longer sequences take), with MLA's narrower v."""
+    """Short causal self-attention on a CPU is batched products over the score matrix in query blocks
+    (core_attention.py): values and q / k / v gradients equal torch SDPA's (the path longer sequences take), with
+    MLA's narrower v."""
     from nemo_pixellm.models import core_attention
 
     model = tiny_model(megatron_single_process, seed=3)
