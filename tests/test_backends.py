@@ -329,3 +329,27 @@ def test_short_causal_attention_equals_sdpa(megatron_single_process, monkeypatch
         for ours, sdpa in zip(*results):
             torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-6)
     assert len(short_calls) == 4
+
+
+def test_local_rms_norm_equals_torch_s():
+    """The local backend's RMSNorm (one autograd function, norms.py): values and input / weight gradients equal
+    torch.nn.functional.rms_norm's op chain, in fp32 and fp64, for [s, b, h] activations and a non-contiguous
+    upstream gradient; other dtypes take torch's path."""
+    from nemo_pixellm.models.norms import RMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype, shape in ((torch.float32, (7, 3, 64)), (torch.float64, (5, 2, 512)), (torch.float32, (1, 1, 8))):
+        norm = RMSNorm(shape[-1], eps=1e-6).to(dtype)
+        torch.nn.init.normal_(norm.weight, generator=generator)
+        x = torch.randn(shape, generator=generator, dtype=dtype, requires_grad=True)
+        upstream = torch.randn(shape[::-1], generator=generator, dtype=dtype).transpose(0, 2)
+        ours = norm(x)
+        torch_s = torch.nn.functional.rms_norm(x, shape[-1:], norm.weight, 1e-6)
+        assert type(ours.grad_fn).__name__ == "_RMSNormFunctionBackward"
+        torch.testing.assert_close(ours, torch_s, rtol=1e-6, atol=1e-6)
+        grads = torch.autograd.grad(ours, (x, norm.weight), upstream)
+        torch_grads = torch.autograd.grad(torch_s, (x, norm.weight), upstream)
+        for got, want in zip(grads, torch_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    half = RMSNorm(16).to(torch.bfloat16)
+    assert type(half(torch.ones(2, 16, dtype=torch.bfloat16)).grad_fn).__name__ != "_RMSNormFunctionBackward"
