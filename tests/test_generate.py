@@ -114,25 +114,29 @@ def test_lean_decoding_step_equals_megatrons_layers(model, monkeypatch):
         lean_steps.clear()
 
 
-def test_one_row_products_as_row_sums_decode_the_same(model, monkeypatch):
-    """At batch 1 a decoding step's linears (MLA's projections, MLP, experts, output layer) are multiply + row sum
-    for weights past parallel_linear.ROW_PRODUCT_MIN_WEIGHT: with the limit at 0 (the tiny model's weights are
-    below it) every step's logits equal BLAS's products within 1e-6, and so do the greedy tokens."""
+def test_few_row_products_decode_the_same(model, monkeypatch):
+    """In a decoding step at batch 1 and 3 the linears (MLA's projections, MLP, experts, output layer) have at
+    most parallel_linear.FEW_ROWS rows and, for weights past FEW_ROWS_MIN_WEIGHT, are computed as
+    (weight @ x^T)^T: with the limit at 0 (the tiny model's weights are below it) every step's logits equal
+    BLAS's x @ weight^T within 1e-6, and so do the greedy tokens."""
     from nemo_pixellm.models import parallel_linear
 
-    prompt = _prompts(torch.Generator().manual_seed(6))[:1]
+    few_rows_product = parallel_linear.few_rows_product
     rows = []
-    row_sums = parallel_linear.row_sums
-    monkeypatch.setattr(parallel_linear, "row_sums", lambda x, weight: rows.append(1) or row_sums(x, weight))
-    results = []
-    for limit in (parallel_linear.ROW_PRODUCT_MIN_WEIGHT, 0):
-        monkeypatch.setattr(parallel_linear, "ROW_PRODUCT_MIN_WEIGHT", limit)
-        scores = []
-        results.append((generate(model, prompt, eos_id=1, pad_id=0, max_new_tokens=8, scores=scores), scores))
-    assert len(rows) > 7 * 15  # with the limit at 0: each step's one-row products (2 layers, output layer)
-    assert results[0][0] == results[1][0]
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    monkeypatch.setattr(parallel_linear, "few_rows_product",
+                        lambda x, weight: rows.append(x.numel() // x.shape[-1]) or few_rows_product(x, weight))
+    for batch in (1, 3):
+        prompts = _prompts(torch.Generator().manual_seed(6))[:batch]
+        assert len(prompts) == batch
+        results = []
+        for limit in (parallel_linear.FEW_ROWS_MIN_WEIGHT, 0):
+            monkeypatch.setattr(parallel_linear, "FEW_ROWS_MIN_WEIGHT", limit)
+            scores = []
+            results.append((generate(model, prompts, eos_id=1, pad_id=0, max_new_tokens=8, scores=scores), scores))
+        assert results[0][0] == results[1][0]
+        for a, b in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert rows.count(1) > 7 * 15 and rows.count(3) > 7 * 15  # each step's products (2 layers, output layer)
 
 
 def test_never_emits_the_image_placeholder(model):
