@@ -334,7 +334,7 @@ def test_short_causal_attention_equals_sdpa(megatron_single_process, monkeypatch
 def test_local_rms_norm_equals_torch_s():
     """The local backend's RMSNorm (one autograd function, norms.py): values and input / weight gradients equal
     torch.nn.functional.rms_norm's op chain, in fp32 and fp64, for [s, b, h] activations and a non-contiguous
-    upstream gradient; other dtypes take torch's path."""
+    upstream gradient; other dtypes, and calls without autograd, take torch's path."""
     from nemo_pixellm.models.norms import RMSNorm
 
     generator = torch.Generator().manual_seed(0)
@@ -353,3 +353,5 @@ def test_local_rms_norm_equals_torch_s():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     half = RMSNorm(16).to(torch.bfloat16)
     assert type(half(torch.ones(2, 16, dtype=torch.bfloat16)).grad_fn).__name__ != "_RMSNormFunctionBackward"
+    with torch.no_grad():  # torch's path: less call overhead when decoding
+        torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, x.shape[-1:], norm.weight, 1e-6))

@@ -239,7 +239,13 @@ class PixelMLASelfAttention(mcore_mla.MLASelfAttention):
                    torch.ones(new, keys, dtype=torch.bool, device=q.device).tril(keys - new))
         if new > 1:  # one new token's row broadcasts over the heads
             visible = visible.expand(batch, 1, new, keys).repeat(1, 1, heads, 1)  # [b, 1, heads x new, S]
-        out = F.scaled_dot_product_attention(q, k, k, attn_mask=visible, scale=self.softmax_scale)[..., :rank]
+        if q.device.type == "cpu":  # plain products: torch's CPU flash kernel costs ~80 us a call for these rows
+            # masked scores at dtype min, not -inf: a row with nothing visible (padding) stays finite, as in SDPA
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.softmax_scale)
+            scores = scores.masked_fill_(~visible, torch.finfo(scores.dtype).min)
+            out = torch.matmul(scores.softmax(-1), k[..., :rank])
+        else:
+            out = F.scaled_dot_product_attention(q, k, k, attn_mask=visible, scale=self.softmax_scale)[..., :rank]
         out = out.view(batch, heads, new, rank).transpose(0, 1).reshape(heads, batch * new, rank) @ up_v.transpose(1, 2)
         out = out.view(heads, batch, new, v).permute(2, 1, 0, 3).reshape(new, batch, heads * v)
         return self.linear_proj(out)
