@@ -119,11 +119,13 @@ def test_te_decoder_layer_is_megatron_s_te_layer(monkeypatch):
             assert ours.sharded_state_dict_keys_map == {}  # TE's own names: nothing to rename
 
 
-def test_grouped_experts_equal_megatron_sequential_mlp(megatron_single_process):
+def test_grouped_experts_equal_megatron_sequential_mlp(megatron_single_process, monkeypatch):
     """The local backend's grouped-GEMM experts compute Megatron's SequentialMLP loop exactly: outputs, input
-    gradients and every expert weight's gradient, with experts that get no token; the no-autograd path too."""
+    gradients and every expert weight's gradient, with experts that get no token; without autograd too, both
+    through the stacked weights (small experts, as the tiny model's) and the loop over experts with tokens."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
+    from nemo_pixellm.models import grouped_experts
     from nemo_pixellm.models.grouped_experts import GroupedLocalExperts
 
     model = tiny_model(megatron_single_process, seed=3)
@@ -141,10 +143,13 @@ def test_grouped_experts_equal_megatron_sequential_mlp(megatron_single_process):
             x, p = hidden.clone().requires_grad_(), probs.clone().requires_grad_()
             out, _ = forward(experts, x, tokens, p)
             (out * upstream).sum().backward()
-            with torch.no_grad():
-                no_grad_out, _ = forward(experts, hidden, tokens, probs)
+            no_grad_outs = []
+            for stacked_limit in (grouped_experts.STACKED_DECODE_MAX_ELEMENTS, 0):  # stacked, then the loop
+                monkeypatch.setattr(grouped_experts, "STACKED_DECODE_MAX_ELEMENTS", stacked_limit)
+                with torch.no_grad():
+                    no_grad_outs.append(forward(experts, hidden, tokens, probs)[0])
             grads = [torch.zeros_like(w) if w.grad is None else w.grad.clone() for w in experts.parameters()]
-            results.append([out.detach(), no_grad_out, x.grad, p.grad, *grads])
+            results.append([out.detach(), *no_grad_outs, x.grad, p.grad, *grads])
         for grouped, loop in zip(*results):
             assert torch.equal(grouped, loop)
 

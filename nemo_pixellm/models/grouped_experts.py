@@ -16,6 +16,11 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from nemo_pixellm.models.parallel_linear import linear_product
 
 
+# Experts whose weights together hold at most this many elements (4 MB in fp32) decode through the grouped GEMMs
+# too: stacking them costs less than the loop's per-expert kernels (tiny model, batch 8: ~7 kernels x 8 experts).
+STACKED_DECODE_MAX_ELEMENTS = 1 << 20
+
+
 class GroupedLocalExperts(SequentialMLP):
     # On CUDA only in bf16 (grouped_mm's CUDA kernels): 6.7x the loop's tokens/s for a 2-layer Pixel slice on an
     # H200 (benchmarks/gpu_check.py). TE's grouped GEMM is the GPU default; this is the local backend's.
@@ -48,7 +53,8 @@ class GroupedLocalExperts(SequentialMLP):
         hidden, probs = permuted_local_hidden_states, permuted_probs
         if not self._grouped_applies(hidden):
             return super().forward(hidden, tokens_per_expert, probs)
-        if not torch.is_grad_enabled():  # decoding / evaluation: only the experts that got tokens, no weight copies
+        if not torch.is_grad_enabled() and self._weights_elements() > STACKED_DECODE_MAX_ELEMENTS:
+            # decoding / evaluation: only the experts that got tokens, no copies of large weights
             counts = torch.as_tensor(tokens_per_expert).tolist()
             outputs = [self._expert(e, x, p) for e, (x, p) in enumerate(zip(hidden.split(counts), probs.split(counts)))
                        if x.shape[0]]
@@ -60,6 +66,9 @@ class GroupedLocalExperts(SequentialMLP):
         intermediate = _contiguous_grad(F.grouped_mm(hidden, fc1.transpose(1, 2), offs=ends))
         intermediate = self._activation(intermediate, probs, hidden.dtype)
         return _contiguous_grad(F.grouped_mm(intermediate, fc2.transpose(1, 2), offs=ends)), None
+
+    def _weights_elements(self) -> int:
+        return sum(e.linear_fc1.weight.numel() + e.linear_fc2.weight.numel() for e in self.local_experts)
 
     def by_expert_index(self, tokens: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Without a token dispatcher (``PixelMoELayer``'s inference path): tokens [t, h], the router's top-k
