@@ -68,7 +68,9 @@ class GroupedLocalExperts(SequentialMLP):
         return _contiguous_grad(F.grouped_mm(intermediate, fc2.transpose(1, 2), offs=ends)), None
 
     def _weights_elements(self) -> int:
-        return sum(e.linear_fc1.weight.numel() + e.linear_fc2.weight.numel() for e in self.local_experts)
+        """All local experts' weight elements: they share one shape, so one expert's times their number."""
+        first = self.local_experts[0]
+        return self.num_local_experts * (first.linear_fc1.weight.numel() + first.linear_fc2.weight.numel())
 
     def by_expert_index(self, tokens: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Without a token dispatcher (``PixelMoELayer``'s inference path): tokens [t, h], the router's top-k
