@@ -86,6 +86,7 @@ def main() -> None:
                              data_config.downsample, data_config.max_tiles)
     recorder = LastQueryAttention()
     core_attention.F.scaled_dot_product_attention = recorder
+    short_causal, core_attention.SHORT_CAUSAL = core_attention.SHORT_CAUSAL, 0  # every call through SDPA: recorded
     layers = model.language_model.config.num_layers
     rows = {t: [] for t in TYPES}
     for record, index, qa in question_jobs(questions, len(questions)):
@@ -99,6 +100,9 @@ def main() -> None:
         tokens = torch.as_tensor(prompt.tokens)
         recorder.weights.clear()
         answer = generate(model, [prompt], tokenizer.eos_id, tokenizer.pad_id, 1, use_cache=False)[0]
+        if len(recorder.weights) != model.vision_model.config.num_layers + layers:
+            raise SystemExit(f"recorded {len(recorder.weights)} attention calls, not the tower's and the LM's layers: "
+                             "an attention path that bypasses scaled_dot_product_attention")
         first = int((tokens == tokenizer.image_id).nonzero()[0])
         grid = torch.arange(first, first + GRID * (GRID + 1)).view(GRID, GRID + 1)[:, :GRID]  # newline closes rows
         text = torch.arange(first + GRID * (GRID + 1), len(tokens))
@@ -112,6 +116,7 @@ def main() -> None:
         said = tokenizer.decode(answer).strip()
         rows[qa["type"]].append({"q": qa["q"], "a": qa["a"], "said": said, "right": said == qa["a"], "layers": heads})
     core_attention.F.scaled_dot_product_attention = recorder.sdpa
+    core_attention.SHORT_CAUSAL = short_causal
 
     for kind, found in rows.items():
         print(f"\n{kind}: {len(found)} questions, {sum(r['right'] for r in found) / max(len(found), 1):.0%} right")
