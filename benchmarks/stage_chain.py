@@ -1,14 +1,17 @@
 """The tiny variant through stages 1 -> 1.5 -> 2 -> 3 on 2 CPU cores, with held-out VQA beside its baselines.
 
     .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 50 50 2000 4000] [--samples 200]
-        [--seeds 1 2 3] [training overrides for every stage, e.g. model.kv_lora_rank=32, or stage2:<override> for one]
+        [--tower-steps 2000] [--seeds 1 2 3]
+        [training overrides for every stage, e.g. model.kv_lora_rank=32, or stage2:<override> for one]
 
 Runs ``nemo_pixellm.pipeline`` with the recipe below (40,000 training images: with 4,000 the 5,000 stage-3
 steps memorise them; 112-pixel views: one LM token per cell of the scenes' 4x4 grid; packing: a conversation
 fills half of a 128-token sequence, a caption a third; global batch 32; EMA on; a 3-layer decoder (dense, MoE,
 MoE: with the tiny variant's 2 layers the colour lookup formed on one seed of three); each image token's place
 as a fixed code in its last channels (left/right answers were at chance without it); conversations as 30% of
-stage 2; the tower at a tenth of stage 3's learning rate),
+stage 2; the tower at a tenth of stage 3's learning rate), after the tower's own pretraining
+(``nemo_pixellm.vision_pretrain``, ``--tower-steps``, counted in the chain's time: the tiny variant's
+stand-in for the SigLIP tower the real variants start from; without it OCR stayed near chance),
 then evaluates on the held-out split (never trained on):
 - the final checkpoint with EMA weights and with the raw weights (the same run);
 - the same checkpoint with every image blanked (the text-only baseline: what the question alone gives);
@@ -25,6 +28,7 @@ every ``vqa_eval.interval`` steps on ``vqa_eval.samples`` held-out images; the E
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -63,7 +67,8 @@ def colour_object(question: str) -> str:
     return "bar" if " bar " in question else "text" if " text " in question else "shape"
 
 
-def run_chain(root: Path, steps: list[int], samples: int, recipe: list[str], evaluate_only: bool) -> dict:
+def run_chain(root: Path, steps: list[int], tower_steps: int, samples: int, recipe: list[str],
+              evaluate_only: bool) -> dict:
     """One chain under ``root`` and its four evaluations: {"chain_s", "reports": {arm: per-type summary}}.
     The untrained model (one step at learning rate 0) comes first: it builds the data sets into the cache,
     which the chain's wall time then leaves out (data preparation, as data_prep is for real data)."""
@@ -77,6 +82,13 @@ def run_chain(root: Path, steps: list[int], samples: int, recipe: list[str], eva
                        check=True, cwd=ROOT, capture_output=True)
     start = time.time()
     if not evaluate_only:
+        tower = root / "tower"
+        if tower_steps:
+            shutil.rmtree(tower, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "nemo_pixellm.vision_pretrain",
+                            f"checkpoint={untrained / 'checkpoints'}", f"out={tower}", f"steps={tower_steps}"],
+                           check=True, cwd=ROOT)
+            recipe = [*recipe, f"stage1:model.vision_pretrained_path={tower}"]
         subprocess.run([sys.executable, "-m", "nemo_pixellm.pipeline", f"stages=[{','.join(STAGES)}]",
                         f"steps=[{','.join(map(str, steps))}]", f"root={root}", "eval_samples=0", *recipe],
                        check=True, cwd=ROOT)
@@ -226,6 +238,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "stage_chain")
     parser.add_argument("--steps", type=int, nargs=4, default=[50, 50, 2000, 4000])
     parser.add_argument("--samples", type=int, default=200, help="held-out images (all their questions)")
+    parser.add_argument("--tower-steps", type=int, default=2000, help="the tower's pretraining (0: none)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one chain per seed (rng.seed)")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the chain already under --root")
     args, overrides = parser.parse_known_args()
@@ -235,7 +248,7 @@ def main() -> None:
     runs = {}
     for seed, root in roots.items():
         seeded = recipe if seed is None else [*recipe, f"rng.seed={seed}"]
-        runs[seed] = run_chain(root, args.steps, args.samples, seeded, args.evaluate_only)
+        runs[seed] = run_chain(root, args.steps, args.tower_steps, args.samples, seeded, args.evaluate_only)
     print_table(runs, args.steps, args.samples)
     args.root.mkdir(parents=True, exist_ok=True)
     write_csv(runs, args.root / "stage_chain.csv")

@@ -172,7 +172,7 @@ BAD_CONFIGS = [
     (["model.image_position_code=true", "model.hidden_size=32"], "model.image_position_code=true writes each image "
      r"token's place into its last 16 channels and needs model.hidden_size above 32 \(it is 32\)"),
     (["checkpoint.load={d}/none"], "checkpoint.load=.*none does not exist: give a checkpoint.save directory"),
-    (["+model.language_pretrained_path={d}/empty"], r"model.language_pretrained_path=.*empty is not a Hugging Face "
+    (["model.language_pretrained_path={d}/empty"], r"model.language_pretrained_path=.*empty is not a Hugging Face "
      r"DeepseekV3ForCausalLM / LlamaForCausalLM directory \(no config.json there\)"),
 ]
 

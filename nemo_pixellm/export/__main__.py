@@ -26,7 +26,7 @@ compat.enable(entry_point=True)  # version check and CPU layer, before Megatron 
 
 from nemo_pixellm.data import sources
 from nemo_pixellm.hf.language_model import write_hf_language_model
-from nemo_pixellm.hf.siglip import siglip_config, tower_to_siglip
+from nemo_pixellm.hf.siglip import save_siglip_tower
 
 
 @dataclass
@@ -51,10 +51,7 @@ def export_model(model, out, tokenizer=None, data_config=None) -> None:
         tokenizer.tok.save(str(out / "language_model" / "tokenizer.json"))
 
     tower = model.vision_model
-    (out / "vision_tower").mkdir(parents=True, exist_ok=True)
-    siglip = tower_to_siglip(_tensors(tower), tower.config.num_layers, tower.config.num_attention_heads)
-    save_file(siglip, out / "vision_tower" / "model.safetensors", metadata={"format": "pt"})
-    siglip_config(tower).save_pretrained(out / "vision_tower")
+    save_siglip_tower(tower, out / "vision_tower")
 
     save_file(_tensors(model.projector), out / "projector.safetensors", metadata={"format": "pt"})
     joins = {"image_token_id": model.image_token_id, "patch_size": tower.patch_size,
