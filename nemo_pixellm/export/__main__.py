@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from nemo_pixellm import compat
@@ -25,6 +24,7 @@ from nemo_pixellm import compat
 compat.enable(entry_point=True)  # version check and CPU layer, before Megatron loads
 
 from nemo_pixellm.data import sources
+from nemo_pixellm.hf.checkpoints import module_tensors
 from nemo_pixellm.hf.language_model import write_hf_language_model
 from nemo_pixellm.hf.siglip import save_siglip_tower
 
@@ -34,10 +34,6 @@ class ExportArgs:
     checkpoint: str = "???"
     out: str = "???"
     ema: bool = True  # export the EMA weights when the checkpoint has them
-
-
-def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
 
 
 def export_model(model, out, tokenizer=None, data_config=None) -> None:
@@ -53,7 +49,7 @@ def export_model(model, out, tokenizer=None, data_config=None) -> None:
     tower = model.vision_model
     save_siglip_tower(tower, out / "vision_tower")
 
-    save_file(_tensors(model.projector), out / "projector.safetensors", metadata={"format": "pt"})
+    save_file(module_tensors(model.projector), out / "projector.safetensors", metadata={"format": "pt"})
     joins = {"image_token_id": model.image_token_id, "patch_size": tower.patch_size,
              "downsample": model.projector.downsample, "image_position_code": model.projector.position_code,
              "mrope_section": list(getattr(config, "mrope_section", None) or []),

@@ -17,6 +17,11 @@ def read_hf_config(directory, key: str, expected_class: str) -> dict:
     return json.loads(config_file.read_text())
 
 
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state as plain tensors to save (detached copies; Transformer Engine's ``_extra_state`` left out)."""
+    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+
+
 def save_hf_checkpoint(hf_state: dict[str, torch.Tensor], hf_config, directory) -> None:
     """Tensors already under Hugging Face names + their config -> a ``from_pretrained`` directory."""
     directory = Path(directory)

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from nemo_pixellm.hf.checkpoints import read_hf_checkpoint, read_hf_config, refuse_misfit
+from nemo_pixellm.hf.checkpoints import (module_tensors, read_hf_checkpoint, read_hf_config, refuse_misfit,
+                                         save_hf_checkpoint)
 
 _GLOBAL_TABLE = [
     ("patch_embedding.weight", "embeddings.patch_embedding.weight"),
@@ -91,15 +92,8 @@ def siglip_config(tower: torch.nn.Module):
 
 def save_siglip_tower(tower: torch.nn.Module, directory) -> None:
     """Write a VisionTower (one process, TP=1) as a SiglipVisionModel directory (config.json, model.safetensors)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in tower.state_dict().items()
-             if not k.endswith("_extra_state")}
-    siglip = tower_to_siglip(state, tower.config.num_layers, tower.config.num_attention_heads)
-    save_file(siglip, directory / "model.safetensors", metadata={"format": "pt"})
-    siglip_config(tower).save_pretrained(directory)
+    siglip = tower_to_siglip(module_tensors(tower), tower.config.num_layers, tower.config.num_attention_heads)
+    save_hf_checkpoint(siglip, siglip_config(tower), directory)
 
 
 def _tensor_parallel_shard(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
