@@ -45,7 +45,6 @@ class TowerPretrainArgs:
     images: int = 16000           # from the synthetic training split
     ocr_share: float = 0.6        # of them, images of text (the generator draws 20%)
     max_token_weight: float = 100.0  # cap on a caption token's rarity weight
-    head: str = "attention"       # "attention": SigLIP's pooling head; "flat": a linear map of all patch features
     heldout_images: int = 300     # one-line text images of the held-out split, for the printed reading figure
     log_interval: int = 250
 
@@ -64,40 +63,13 @@ def rarity_weights(targets: torch.Tensor, max_weight: float) -> torch.Tensor:
     return ((len(targets) - positives) / positives.clamp(min=1)).clamp(1.0, max_weight)
 
 
-class TokenHead(torch.nn.Module):
-    """Patch features [n, gh, gw, c] -> caption-token logits [n, vocab]. "attention" pools with SigLIP's own
-    multihead-attention pooling head (transformers) before a linear map, so what it reads must sit in each patch
-    as content a query can find, as a decoder's attention reads it; "flat" maps every patch's place separately."""
-
-    def __init__(self, tower, kind: str, patches: int, vocab_size: int):
-        super().__init__()
-        width = tower.config.hidden_size
-        if kind == "attention":
-            from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
-
-            from nemo_pixellm.hf.siglip import siglip_config
-
-            self.pool = SiglipMultiheadAttentionPoolingHead(siglip_config(tower))
-            self.linear = torch.nn.Linear(width, vocab_size)
-        elif kind == "flat":
-            self.pool = None
-            self.linear = torch.nn.Linear(patches * width, vocab_size)
-        else:
-            raise ValueError(f"head={kind}: give head=attention or head=flat")
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.pool is None:
-            return self.linear(features.flatten(1))
-        return self.linear(self.pool(features.flatten(1, 2)))
-
-
 def pretrain_tower(tower, views: torch.Tensor, targets: torch.Tensor, args: TowerPretrainArgs, log=print):
-    """Train ``tower`` (in place) and a token head (``args.head``) to predict ``targets`` from ``views``
-    (uint8 [n, 3, H, W]). Returns (the head, the loss of every step)."""
+    """Train ``tower`` (in place) and a linear map of its flattened patch features to predict ``targets`` from
+    ``views`` (uint8 [n, 3, H, W]). Returns (the map, the loss of every step)."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        grid = tower(tiling.normalise(views[:1])).shape[1:3]
-    token_map = TokenHead(tower, args.head, grid[0] * grid[1], targets.shape[1])
+        features = tower(tiling.normalise(views[:1])).numel()
+    token_map = torch.nn.Linear(features, targets.shape[1])
     weights = rarity_weights(targets, args.max_token_weight)
     optimizer = torch.optim.AdamW([*tower.parameters(), *token_map.parameters()], lr=args.lr, weight_decay=0.0)
     warmup = min(100, args.steps)
@@ -107,7 +79,7 @@ def pretrain_tower(tower, views: torch.Tensor, targets: torch.Tensor, args: Towe
     losses, start = [], time.time()
     for step in range(1, args.steps + 1):
         rows = torch.randint(0, len(views), (args.batch,), generator=generator)
-        logits = token_map(tower(tiling.normalise(views[rows])))
+        logits = token_map(tower(tiling.normalise(views[rows])).flatten(1))
         loss = F.binary_cross_entropy_with_logits(logits, targets[rows], pos_weight=weights)
         optimizer.zero_grad()
         loss.backward()
@@ -146,7 +118,7 @@ def words_read(tower, token_map, tokenizer, seed: int, count: int, size: int) ->
     word_tokens = [tokenizer.encode(word) for word in synthetic.WORDS]
     tower.eval()
     with torch.no_grad():
-        scores = F.logsigmoid(token_map(tower(tiling.normalise(torch.stack(views)))))
+        scores = F.logsigmoid(token_map(tower(tiling.normalise(torch.stack(views))).flatten(1)))
         per_word = torch.stack([scores[:, ids].mean(1) for ids in word_tokens], dim=1)
     return (per_word.argmax(1) == torch.tensor(answers)).float().mean().item()
 
