@@ -3,7 +3,10 @@ Trains the tower and the projector with a small readout on one-line OCR images (
 accuracy every 250 steps; nothing is saved.
 
     .venv/bin/python benchmarks/ocr_readout.py CHECKPOINT [--readout flat|attention|mean] [--steps 1500]
-        [--lr 1e-3] [--train 8000] [--test 500]
+        [--lr 1e-3] [--train 8000] [--test 500] [--frozen]
+
+``--frozen`` trains the readout alone: whether the tokens a checkpoint already makes can be read that way (with
+``attention``, what a decoder's attention could take from them).
 
 Readouts of the projector's tokens: ``flat`` a linear map of all of them (each token's place its own weights),
 ``attention`` four learned queries attending over them, then an MLP (what a decoder's attention can do), ``mean``
@@ -80,11 +83,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--train", type=int, default=8000, help="training images (one-line OCR)")
     parser.add_argument("--test", type=int, default=500, help="held-out images")
+    parser.add_argument("--frozen", action="store_true", help="train the readout only, the tower and projector fixed")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model, data_config, _ = load(args.checkpoint)
-    tower, projector = model.vision_model.train(), model.projector.train()
+    tower, projector = model.vision_model.train(not args.frozen), model.projector.train(not args.frozen)
+    encoder = [*tower.parameters(), *projector.parameters()]
+    for param in encoder:
+        param.requires_grad_(not args.frozen)
     size = data_config.image_size
     x_train, y_train = one_line_words(args.train, PROBE_SEED, size)
     x_test, y_test = one_line_words(args.test, PROBE_SEED + 1, size)
@@ -95,11 +102,11 @@ def main() -> None:
     with torch.no_grad():
         shape = tokens(x_test[:1]).shape
     head = readout_head(args.readout, shape[1], shape[2])
-    optimizer = torch.optim.AdamW([*tower.parameters(), *projector.parameters(), *head.parameters()], lr=args.lr,
+    optimizer = torch.optim.AdamW([*([] if args.frozen else encoder), *head.parameters()], lr=args.lr,
                                   weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     start = time.time()
-    print(f"{args.checkpoint}: {args.readout} readout of {shape[1]} tokens x {shape[2]}, {size}-pixel views, "
+    print(f"{args.checkpoint}: {args.readout} readout{' (frozen tokens)' if args.frozen else ''} of {shape[1]} tokens x {shape[2]}, {size}-pixel views, "
           f"{len(WORDS)} words (chance {1 / len(WORDS):.1%})")
     for step in range(args.steps + 1):
         if step % 250 == 0:
