@@ -106,7 +106,8 @@ def main() -> None:
                                   weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     start = time.time()
-    print(f"{args.checkpoint}: {args.readout} readout{' (frozen tokens)' if args.frozen else ''} of {shape[1]} tokens x {shape[2]}, {size}-pixel views, "
+    print(f"{args.checkpoint}: {args.readout} readout{' (frozen tokens)' if args.frozen else ''} of "
+          f"{shape[1]} tokens x {shape[2]}, {size}-pixel views, "
           f"{len(WORDS)} words (chance {1 / len(WORDS):.1%})")
     for step in range(args.steps + 1):
         if step % 250 == 0:

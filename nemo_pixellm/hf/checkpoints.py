@@ -19,7 +19,8 @@ def read_hf_config(directory, key: str, expected_class: str) -> dict:
 
 def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A module's state as plain tensors to save (detached copies; Transformer Engine's ``_extra_state`` left out)."""
-    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+    state = module.state_dict()
+    return {k: v.detach().contiguous().clone() for k, v in state.items() if not k.endswith("_extra_state")}
 
 
 def save_hf_checkpoint(hf_state: dict[str, torch.Tensor], hf_config, directory) -> None:
