@@ -1,6 +1,6 @@
 """The tiny variant through stages 1 -> 1.5 -> 2 -> 3 on 2 CPU cores, with held-out VQA beside its baselines.
 
-    .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 50 50 600 4000] [--samples 200]
+    .venv/bin/python benchmarks/stage_chain.py [--root runs/stage_chain] [--steps 50 50 2000 4000] [--samples 200]
         [--tower-steps 2000] [--seeds 1 2 3]
         [training overrides for every stage, e.g. model.kv_lora_rank=32, or stage2:<override> for one]
 
@@ -9,8 +9,7 @@ steps memorise them; 112-pixel views: one LM token per cell of the scenes' 4x4 g
 fills half of a 128-token sequence, a caption a third; global batch 32; EMA on; a 3-layer decoder (dense, MoE,
 MoE: with the tiny variant's 2 layers the colour lookup formed on one seed of three); each image token's place
 as a fixed code in its last channels (left/right answers were at chance without it); conversations as 30% of
-stage 2; the pretrained tower at a tenth of the language model's learning rate in stages 2 and 3, as
-DeepSeek-VL2 trains its SigLIP), after the tower's own pretraining
+stage 2; the tower at a tenth of stage 3's learning rate), after the tower's own pretraining
 (``nemo_pixellm.vision_pretrain``, ``--tower-steps``, counted in the chain's time: the tiny variant's
 stand-in for the SigLIP tower the real variants start from; without it OCR stayed near chance),
 then evaluates on the held-out split (never trained on):
@@ -42,7 +41,7 @@ RECIPE = ["dataset.synthetic_train_samples=40000", "dataset.image_size=112", "mo
           "dataset.pack=true", "train.global_batch_size=32", "train.micro_batch_size=32", "ema.enabled=true",
           "validation.eval_interval=null", "logger.log_interval=100", "vqa_eval.interval=500", "vqa_eval.samples=40",
           "model.num_layers=3", "model.moe_layer_freq=[0,1,1]", "model.image_position_code=true",
-          "stage2:dataset.chat_ratio=0.3", "stage2:stage.vision_lr_mult=0.1", "stage3:stage.vision_lr_mult=0.1"]
+          "stage2:dataset.chat_ratio=0.3", "stage3:stage.vision_lr_mult=0.1"]
 STAGES = ("stage1", "stage1_5", "stage2", "stage3")
 TYPES = ("count", "colour", "position", "relation", "ocr", "chart")
 ASKED = ("count", "colour", "position", "ocr")  # the issue's target: counting, colours, positions, short OCR
@@ -237,7 +236,7 @@ def plot(roots: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "stage_chain")
-    parser.add_argument("--steps", type=int, nargs=4, default=[50, 50, 600, 4000])
+    parser.add_argument("--steps", type=int, nargs=4, default=[50, 50, 2000, 4000])
     parser.add_argument("--samples", type=int, default=200, help="held-out images (all their questions)")
     parser.add_argument("--tower-steps", type=int, default=2000, help="the tower's pretraining (0: none)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one chain per seed (rng.seed)")
