@@ -149,6 +149,10 @@ BAD_CONFIGS = [
     (["dataset.chat_ratio=1"], r"dataset.chat_ratio=1: give the conversations' share of the vision-language "
      r"tokens in \[0, 1\)"),
     (["dataset.task=chat", "dataset.chat_ratio=0.3"], "dataset.task=chat has none to mix: set dataset.chat_ratio=0"),
+    (["dataset.synthetic_kind_shares=[0.5,0.5]"], r"dataset.synthetic_kind_shares=\[0.5, 0.5\]: give 3 non-negative "
+     "shares of scene / ocr / chart with a positive sum"),
+    (["dataset.path={d}/captions", "dataset.synthetic_kind_shares=[0.4,0.4,0.2]"], "dataset.synthetic_kind_shares "
+     "sets the synthetic set's mix; with dataset.path the shards' own mix is used"),
     (["+model.vision_patch_size=16"], "model.vision_patch_size is set from dataset.patch_size"),
     (["+model.image_token_id=3"], "model.image_token_id is set from the tokenizer"),
     (["mixed_precision=bf16_with_fp8_delayed_scaling_mixed", "model.use_te=false"], "FP8 .* runs through "

@@ -14,6 +14,9 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from nemo_pixellm.data import sources
+from nemo_pixellm.data.provider import PixelLMDataConfig
+from nemo_pixellm.data.shards import ShardReader
 from nemo_pixellm.data.synthetic import (COLOURS, HELDOUT_SEED_OFFSET, render_scene, render_scene_wh,
                                          scene_record)
 
@@ -110,6 +113,29 @@ def test_records_cover_every_kind_and_question_type_with_short_answers():
         assert Image.open(io.BytesIO(record["jpg"])).size == (64, 64)
     assert kinds == {"scene", "ocr", "chart"}
     assert types == QA_TYPES
+
+
+def kind_counts(path) -> dict:
+    counts = {"scene": 0, "ocr": 0, "chart": 0}
+    reader = ShardReader(path)
+    for i in range(len(reader)):
+        counts[json.loads(reader[i]["json"])["kind"]] += 1
+    return counts
+
+
+def test_kind_shares_set_the_training_mix_and_leave_the_heldout_split_alone(tmp_path):
+    n = 400
+    config = dict(cache_dir=str(tmp_path), image_size=32, synthetic_train_samples=n, synthetic_valid_samples=60)
+    default_train, default_heldout = sources.data_paths(PixelLMDataConfig(**config))
+    train, heldout = sources.data_paths(PixelLMDataConfig(**config, synthetic_kind_shares=[0.2, 0.6, 0.2]))
+    assert train != default_train and heldout == default_heldout  # the mix is in the training cache key only
+    counts, default_counts = kind_counts(train), kind_counts(default_train)
+    assert sum(counts.values()) == n
+    # 0.6 of 400 has a binomial sd of 10 (0.024); the default's OCR share is 0.2
+    assert abs(counts["ocr"] / n - 0.6) < 0.075 and abs(counts["scene"] / n - 0.2) < 0.075, counts
+    assert abs(default_counts["ocr"] / n - 0.2) < 0.075, default_counts
+    explicit_default = PixelLMDataConfig(**config, synthetic_kind_shares=[0.6, 0.2, 0.2])
+    assert sources.data_paths(explicit_default)[0] == default_train
 
 
 @pytest.mark.parametrize("size", [(224, 224), (320, 192)])

@@ -33,6 +33,7 @@ class PixelLMDataConfig(DatasetProvider):
     synthetic_valid_samples: int = 200
     synthetic_text_samples: int = 2000
     synthetic_prompt_samples: int = 4000
+    synthetic_kind_shares: list | None = None  # training split's scene / ocr / chart mix (None: 0.6 / 0.2 / 0.2)
     seed: int = 1234
     tokenizer_path: str | None = None
     tokenizer_vocab_size: int = 768

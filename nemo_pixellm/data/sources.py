@@ -12,7 +12,8 @@ from filelock import FileLock
 from nemo_pixellm.data.dataset import TrainingSequences
 from nemo_pixellm.data.samples import ShardSamples
 from nemo_pixellm.data.shards import MANIFEST, write_shards
-from nemo_pixellm.data.synthetic import COLOURS, NUMBER_WORDS, SHAPES, WORDS, render_scene, scene_record
+from nemo_pixellm.data.synthetic import (COLOURS, NUMBER_WORDS, SHAPES, WORDS, kind_weights, render_scene,
+                                         scene_record)
 from nemo_pixellm.data.tokenizer import PixelTokenizer, train_bpe
 
 SYNTHETIC_VERSION = 7  # bump when the generator's output changes, so caches rebuild (3-5 were used by experiments)
@@ -23,8 +24,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NEMO_PIXELLM_CACHE", Path.home() / ".cache" / "nemo_pixellm"))
 
 
-def synthetic_dir(cache_dir, split: str, num_samples: int, seed: int, image_size: int) -> Path:
-    key = hashlib.sha1(json.dumps([SYNTHETIC_VERSION, split, num_samples, seed, image_size]).encode()).hexdigest()[:12]
+def synthetic_dir(cache_dir, split: str, num_samples: int, seed: int, image_size: int, kind_shares=None) -> Path:
+    fields = [SYNTHETIC_VERSION, split, num_samples, seed, image_size]
+    if kind_shares is not None and kind_weights(kind_shares) != kind_weights():  # the default mix keeps its old key
+        fields.append(kind_weights(kind_shares))
+    key = hashlib.sha1(json.dumps(fields).encode()).hexdigest()[:12]
     return Path(cache_dir) / "synthetic" / f"{split}-{num_samples}-{key}"
 
 
@@ -38,13 +42,15 @@ def build_once(path: Path, done: Path, build) -> None:
             build()
 
 
-def ensure_synthetic(cache_dir, split: str, num_samples: int, seed: int, image_size: int, shard_size: int = 1000) -> Path:
+def ensure_synthetic(cache_dir, split: str, num_samples: int, seed: int, image_size: int, shard_size: int = 1000,
+                     kind_shares=None) -> Path:
     """The synthetic shards, built into the cache on first use (written aside, then moved in place)."""
-    out = synthetic_dir(cache_dir, split, num_samples, seed, image_size)
+    out = synthetic_dir(cache_dir, split, num_samples, seed, image_size, kind_shares)
 
     def build():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        write_shards((scene_record(seed, i, image_size) for i in range(num_samples)), tmp, shard_size)
+        records = (scene_record(seed, i, image_size, kind_shares=kind_shares) for i in range(num_samples))
+        write_shards(records, tmp, shard_size)
         os.replace(tmp, out)
 
     build_once(out, out / MANIFEST, build)
@@ -112,7 +118,9 @@ def data_paths(config) -> tuple[Path, Path | None]:
     """(training shards, held-out shards or None); the synthetic set's are built on first use."""
     if config.path is None:
         cache = cache_dir(config)
-        train = ensure_synthetic(cache, "train", config.synthetic_train_samples, config.seed, config.image_size)
+        # The kind mix is a training choice; the held-out split keeps the generator's default mix, so scores compare.
+        train = ensure_synthetic(cache, "train", config.synthetic_train_samples, config.seed, config.image_size,
+                                 kind_shares=config.synthetic_kind_shares)
         valid = ensure_synthetic(cache, "heldout", config.synthetic_valid_samples, config.seed + 1, config.image_size)
         return train, valid
     return Path(config.path), Path(config.valid_path) if config.valid_path else None

@@ -34,7 +34,7 @@ WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "star", "moon", "cake", "s
          "light", "plant", "stone", "water", "zebra", "pixel")
 CHART_LABELS = "ABCDE"
 CHART_GRID = (200, 200, 200)
-KINDS = (("scene", 0.6), ("ocr", 0.2), ("chart", 0.2))  # (kind, share)
+KINDS = (("scene", 0.6), ("ocr", 0.2), ("chart", 0.2))  # (kind, default share)
 HELDOUT_SEED_OFFSET = 1  # the held-out split is the same generator at seed + 1 (as the data provider does)
 
 
@@ -244,22 +244,35 @@ def _conversation(rng: random.Random, caption: str, qa: list[dict]) -> list[dict
 RENDERERS = {"scene": _shapes, "ocr": _ocr, "chart": _chart}
 
 
-def render_scene_wh(seed: int, index: int, width: int, height: int) -> Scene:
-    """Sample ``index`` of the set ``seed`` at any image size (non-square too); its text does not depend on the size."""
+def kind_weights(shares=None) -> list[float]:
+    """The draw weights of scene / ocr / chart: ``shares`` (``dataset.synthetic_kind_shares``) or the defaults."""
+    if shares is None:
+        return [share for _, share in KINDS]
+    shares = [float(s) for s in shares]
+    if len(shares) != len(KINDS) or min(shares) < 0 or sum(shares) <= 0:
+        raise ValueError(f"dataset.synthetic_kind_shares={shares}: give {len(KINDS)} non-negative shares of "
+                         f"{' / '.join(name for name, _ in KINDS)} with a positive sum, e.g. "
+                         f"{[share for _, share in KINDS]}, or null for those defaults")
+    return shares
+
+
+def render_scene_wh(seed: int, index: int, width: int, height: int, kind_shares=None) -> Scene:
+    """Sample ``index`` of the set ``seed`` at any image size (non-square too); its text does not depend on the size.
+    ``kind_shares`` reweights the kinds (scene, ocr, chart); the rest of the draw follows the same random stream."""
     rng = random.Random(f"pixellm-synthetic-{seed}-{index}")  # str seeds hash with SHA-512: stable everywhere
-    kind = rng.choices([name for name, _ in KINDS], weights=[share for _, share in KINDS])[0]
+    kind = rng.choices([name for name, _ in KINDS], weights=kind_weights(kind_shares))[0]
     image, caption, qa = RENDERERS[kind](rng, width, height)
     return Scene(image=image, caption=caption, qa=qa, kind=kind, conversations=_conversation(rng, caption, qa))
 
 
-def render_scene(seed: int, index: int, size: int = 224) -> Scene:
+def render_scene(seed: int, index: int, size: int = 224, kind_shares=None) -> Scene:
     """Sample ``index`` of the set ``seed`` as a square image."""
-    return render_scene_wh(seed, index, size, size)
+    return render_scene_wh(seed, index, size, size, kind_shares)
 
 
-def scene_record(seed: int, index: int, size: int, quality: int = 90) -> dict:
+def scene_record(seed: int, index: int, size: int, quality: int = 90, kind_shares=None) -> dict:
     """A webdataset record: key, jpg bytes, json metadata (kind, caption, qa, conversations, seed, index)."""
-    scene = render_scene(seed, index, size)
+    scene = render_scene(seed, index, size, kind_shares)
     buf = io.BytesIO()
     scene.image.save(buf, format="JPEG", quality=quality)
     meta = {"kind": scene.kind, "caption": scene.caption, "qa": scene.qa, "conversations": scene.conversations,

@@ -17,10 +17,14 @@ def read_hf_config(directory, key: str, expected_class: str) -> dict:
     return json.loads(config_file.read_text())
 
 
+def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's tensors by name, without Transformer Engine's ``_extra_state`` (no copies)."""
+    return {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+
+
 def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A module's state as plain tensors to save (detached copies; Transformer Engine's ``_extra_state`` left out)."""
-    state = module.state_dict()
-    return {k: v.detach().contiguous().clone() for k, v in state.items() if not k.endswith("_extra_state")}
+    """A module's state as plain tensors to save (detached copies)."""
+    return {k: v.detach().contiguous().clone() for k, v in module_state(module).items()}
 
 
 def save_hf_checkpoint(hf_state: dict[str, torch.Tensor], hf_config, directory) -> None:

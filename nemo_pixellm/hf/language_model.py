@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 
 from nemo_pixellm.hf import deepseek_v3, llama
-from nemo_pixellm.hf.checkpoints import read_hf_checkpoint, read_hf_config, refuse_misfit, save_hf_checkpoint
+from nemo_pixellm.hf.checkpoints import (module_state, read_hf_checkpoint, read_hf_config, refuse_misfit,
+                                         save_hf_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def load_hf_language_model(language_model: torch.nn.Module, directory, config) -
                              "the parallel run from that checkpoint (stage.init_from), which Megatron reshards")
     refuse_misfit(directory, "language model", kind.hf_config(config, config.vocab_size).to_dict(), theirs,
                   kind.config_keys)
-    params = {k: v for k, v in language_model.state_dict().items() if not k.endswith("._extra_state")}
+    params = module_state(language_model)
     hf_state = read_hf_checkpoint(directory)
     if config.share_embeddings_and_output_weights:
         hf_state.pop("lm_head.weight", None)  # tied: transformers may write the embedding twice

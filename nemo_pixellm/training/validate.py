@@ -91,6 +91,15 @@ def validate_data(data) -> None:
         if not (file / "tokenizer.json").is_file() and not (file.is_file() and file.suffix == ".json"):
             raise ConfigError(f"dataset.tokenizer_path={data.tokenizer_path} holds no tokenizer.json: point it at a "
                               "Hugging Face tokenizer directory, or leave it unset for the synthetic BPE")
+    if data.synthetic_kind_shares is not None:
+        if data.path is not None:
+            raise ConfigError("dataset.synthetic_kind_shares sets the synthetic set's mix; with dataset.path the "
+                              "shards' own mix is used: drop dataset.synthetic_kind_shares")
+        from nemo_pixellm.data.synthetic import kind_weights
+        try:
+            kind_weights(data.synthetic_kind_shares)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if data.path is None:
         if data.task == "text":
             raise ConfigError("dataset.task=text trains on text-only records, which the synthetic set does not have "
