@@ -239,9 +239,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=4, default=[50, 50, 2000, 4000])
     parser.add_argument("--samples", type=int, default=200, help="held-out images (all their questions)")
     parser.add_argument("--tower-steps", type=int, default=2000, help="the tower's pretraining (0: none)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one chain per seed (rng.seed)")
+    parser.add_argument("--seeds", nargs="+", default=None, help="one chain per seed (rng.seed)")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the chain already under --root")
     args, overrides = parser.parse_known_args()
+    if args.seeds is not None:  # "--seeds" takes every word after it: the overrides written there too
+        overrides += [word for word in args.seeds if "=" in word]
+        args.seeds = [int(word) for word in args.seeds if "=" not in word]
     recipe = RECIPE + overrides
 
     roots = {None: args.root} if args.seeds is None else {s: args.root / f"seed-{s}" for s in args.seeds}
