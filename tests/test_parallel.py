@@ -116,7 +116,7 @@ def check_two_processes(reference: Path, overrides: list[str], layout: str, cach
                f"checkpoint.save={tmp_path / 'ckpt'}", f"run_dir={tmp_path / 'run'}"], cache_dir, nproc=2)
     one, two = losses(reference / "one-run"), losses(tmp_path / "run")
     print(f"{layout}: 1 process {one} | 2 processes {two}")
-    assert one[3] < one[1] - 1.0  # the steps are large: gradients matter
+    assert one[3] < one[1] - 0.5  # the steps are large (packed rows: 0.88 nats in 2 steps): gradients matter
     for step in (1, 2, 3):
         assert two[step] == pytest.approx(one[step], rel=1e-6)
     # Each step trained on the same samples (under DP2 each rank holds half of them).
