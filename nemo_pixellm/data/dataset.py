@@ -12,8 +12,8 @@ sequence (the *plan*, decided in sequence order, a block at a time), then builds
 
 - Mixing: each next sample comes from the source furthest below its target share of tokens so far
   (e.g. 70:30 vision-language : text), each source in a seeded per-epoch shuffle: deterministic by seed.
-- Packing: first fit in stream order: a sample longer than the room left waits (with at most
-  ``PACK_LOOKAHEAD`` others) for the next sequence while later ones fill the room; collate turns segment ids
+- Packing: first fit in stream order: a sample longer than the room left waits for a later sequence (up to
+  ``PACK_LOOKAHEAD`` wait at once) while later ones fill the room; collate turns segment ids
   into THD boundaries (``cu_seqlens_q``, Megatron's PackedSeqParams: both backends attend within each sample),
   so packed samples never see each other.
 - Progressive resolution: ``resolution_schedule`` [[fraction of training, view size], ...] picks the view
