@@ -360,3 +360,37 @@ def test_local_rms_norm_equals_torch_s():
     assert type(half(torch.ones(2, 16, dtype=torch.bfloat16)).grad_fn).__name__ != "_RMSNormFunctionBackward"
     with torch.no_grad():  # torch's path: less call overhead when decoding
         torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, x.shape[-1:], norm.weight, 1e-6))
+
+
+def test_losses_at_masked_tokens_equal_every_tokens_losses(megatron_single_process):
+    """With a ``loss_mask`` the output layer and cross-entropy run only at the tokens it selects (SFT's answers):
+    the per-token losses there, and every parameter's gradient of the masked mean, equal those of the full
+    output, plain and packed (THD); the other tokens' losses are 0."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    model = tiny_model(megatron_single_process, seed=3).train()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 256, (2, 24), generator=generator)
+    labels = torch.randint(6, 256, (2, 24), generator=generator)
+    mask = (torch.rand(2, 24, generator=generator) < 0.3).float()
+    positions = torch.arange(24).expand(2, -1)
+    bounds = torch.tensor([0, 10, 24, 31, 48], dtype=torch.int32)  # two samples a row
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, max_seqlen_q=17,
+                             max_seqlen_kv=17)
+    rows_seen = []
+    model.language_model.output_layer.register_forward_hook(
+        lambda module, inputs, out: rows_seen.append(inputs[0].shape[:-1].numel()))
+    for params in (None, packed):
+        results = []
+        for loss_mask in (mask, None):
+            model.zero_grad(set_to_none=True)
+            losses = model(ids, positions, labels=labels, loss_mask=loss_mask, packed_seq_params=params)
+            ((losses * mask).sum() / mask.sum()).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((losses.detach(), grads))
+        (selected, selected_grads), (full, full_grads) = results
+        assert rows_seen[-2:] == [int(mask.sum()), 48]
+        torch.testing.assert_close(selected, full * mask, rtol=1e-6, atol=1e-6)
+        assert selected_grads.keys() == full_grads.keys()
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(selected_grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")

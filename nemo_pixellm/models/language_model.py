@@ -37,6 +37,33 @@ class PixelGPTModel(GPTModel):
         decoder_input, _, *rest = outputs
         return (decoder_input, self.rope_table(position_ids), *rest)
 
+    def forward(self, *args, loss_mask: torch.Tensor | None = None, **kwargs):
+        """GPTModel's forward; given a ``loss_mask`` with the labels, the output layer and the cross-entropy run
+        only at the tokens it selects (``loss_at_selected_tokens``)."""
+        if loss_mask is not None and kwargs.get("labels") is not None and self.selects_loss_tokens():
+            kwargs["output_processor"] = self.loss_at_selected_tokens
+        return super().forward(*args, loss_mask=loss_mask, **kwargs)
+
+    def selects_loss_tokens(self) -> bool:
+        """The output layer can take any subset of this rank's tokens: the whole vocabulary and sequence here, no
+        multi-token prediction (whose heads need every position)."""
+        c = self.config
+        return c.tensor_model_parallel_size == 1 and not c.sequence_parallel and not c.mtp_num_layers
+
+    def loss_at_selected_tokens(self, *, hidden_states, output_layer, output_weight, labels, loss_mask,
+                                runtime_gather_output, scale_logits, **unused) -> torch.Tensor:
+        """Megatron's ``output_processor`` hook: per-token losses [b, s] from hidden states [s, b, h], with the
+        output layer and cross-entropy computed only where ``loss_mask`` is non-zero (elsewhere 0, which the masked
+        mean ignores). SFT trains on answers, a fraction of each sequence: on the tiny chain's stage 3 the
+        logits and their log-softmax over every token were ~7% of the step."""
+        seq, batch, hidden = hidden_states.shape
+        rows = loss_mask.t().reshape(-1).nonzero().squeeze(1)  # s-major, as hidden_states' rows
+        picked = hidden_states.reshape(seq * batch, hidden).index_select(0, rows).unsqueeze(1)  # [n, 1, h]
+        logits, _ = output_layer(picked, weight=output_weight, runtime_gather_output=runtime_gather_output)
+        targets = labels.t().reshape(-1).index_select(0, rows).unsqueeze(0)  # [1, n]
+        losses = self.compute_language_model_loss(targets, scale_logits(logits)).reshape(-1)
+        return losses.new_zeros(seq * batch).index_copy(0, rows, losses).view(seq, batch).t().contiguous()
+
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [b, s] of logits [s, b, vocab]. With the whole vocabulary on this rank, torch's
         fused kernel in fp32: Megatron's vocab-parallel form runs ~10 ops and three all-reduces over a group of

@@ -109,6 +109,7 @@ class PixelLMModel(MegatronModule):
         images: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
         packed_seq_params=None,
+        loss_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """``position_ids``: [b, s] (1D) or [3, b, s] (M-RoPE t/h/w ids); None = 0..s-1. Decoding passes
@@ -118,13 +119,17 @@ class PixelLMModel(MegatronModule):
         ``cu_seqlens_q`` delimits (Megatron's packed layout [t, 1, h]); inputs and outputs keep their [b, s]
         shapes, and what passes between pipeline stages keeps the schedule's [s, b, h] shape.
 
-        Context parallelism: ``input_ids`` is the whole sequence (images go in before the cut), ``position_ids``
-        and ``labels`` this rank's part of it (the forward step cuts them); the output is this rank's part."""
+        ``loss_mask`` [b, s] with ``labels``: the losses are computed only where it is non-zero (0 elsewhere).
+
+        Context parallelism: ``input_ids`` is the whole sequence (images go in before the cut), ``position_ids``,
+        ``labels`` and ``loss_mask`` this rank's part of it (the forward step cuts them); the output is this
+        rank's part."""
         rows = input_ids.shape
         if packed_seq_params is not None:
             input_ids = input_ids.reshape(1, -1)
             position_ids = position_ids.reshape(*position_ids.shape[:-2], 1, -1)
             labels = labels.reshape(1, -1) if labels is not None else None
+            loss_mask = loss_mask.reshape(1, -1) if loss_mask is not None else None
             if not self.pre_process:
                 received = self.language_model.decoder.input_tensor
                 self.language_model.decoder.set_input_tensor(received.reshape(-1, 1, received.shape[-1]))
@@ -138,6 +143,7 @@ class PixelLMModel(MegatronModule):
             attention_mask=attention_mask,
             decoder_input=decoder_input,
             labels=labels,
+            loss_mask=loss_mask,
             packed_seq_params=packed_seq_params,
             **kwargs,
         )

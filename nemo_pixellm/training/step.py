@@ -42,6 +42,7 @@ class ForwardStep:
             input_ids=batch["tokens"],
             position_ids=context_parallel.cut(batch["position_ids"], 2, cp_group),
             labels=labels,
+            loss_mask=loss_mask,
             images=batch.get("images"),
             image_grids=batch.get("image_grids"),
             packed_seq_params=packed_seq_params(batch),
