@@ -202,6 +202,8 @@ def image_token_sequence(views: torch.Tensor, grids: torch.Tensor, newline: torc
     def with_newlines(grid):
         return torch.cat([grid, newline.expand(grid.shape[0], 1, hidden)], dim=1).reshape(-1, hidden)
 
+    if not grids.any() and len(grids) == views.shape[0]:  # global views only: every image's newlines in one cat
+        return torch.cat([views, newline.expand(*views.shape[:2], 1, hidden)], dim=2).reshape(-1, hidden)
     out, v = [], 0
     for cols, rows in grids.tolist():
         out.append(with_newlines(views[v]))

@@ -152,6 +152,23 @@ def test_projector_lays_out_global_separator_and_mosaic(vision_model):
     torch.testing.assert_close(out, torch.stack(expected), rtol=0, atol=0)
 
 
+def test_projector_lays_out_global_views_of_several_images(vision_model):
+    """Images without tiles (the tiny variant's scenes), alone and after a tiled one: each view's rows in order,
+    a newline after every row, the images one after the other."""
+    projector = vision_model.projector
+    features = torch.randn(5, 4, 4, 32, generator=torch.Generator().manual_seed(4))
+    newline, s = projector.image_newline, 2
+    # three untiled images; then one with a 2 x 1 grid (views 0-2) before two untiled ones (views 3, 4)
+    for grids, untiled, tiled_tokens in (([[0, 0]] * 3, range(3), 0), ([[2, 1], [0, 0], [0, 0]], range(3, 5),
+                                                                     reference_tokens_small(2, 1, s))):
+        with torch.no_grad():
+            views = projector.project(features[:len(grids) + 2 * bool(tiled_tokens)])
+            out = projector(features[:views.shape[0]], torch.tensor(grids))
+        expected = [views[v, r, c] if c < s else newline for v in untiled for r in range(s) for c in range(s + 1)]
+        assert out.shape[0] == tiled_tokens + len(expected)
+        torch.testing.assert_close(out[tiled_tokens:], torch.stack(expected), rtol=0, atol=0)
+
+
 def test_position_code_carries_every_token_s_place_whatever_the_tower_gives(vision_model):
     """Issue 20: a linear probe reads each token's row and column from the projector output on views it was not
     fitted on, at chance without the code when the tower's features hold no place (noise here), exactly with it."""
