@@ -158,12 +158,13 @@ def test_projector_lays_out_global_views_of_several_images(vision_model):
     projector = vision_model.projector
     features = torch.randn(5, 4, 4, 32, generator=torch.Generator().manual_seed(4))
     newline, s = projector.image_newline, 2
-    # three untiled images; then one with a 2 x 1 grid (views 0-2) before two untiled ones (views 3, 4)
-    for grids, untiled, tiled_tokens in (([[0, 0]] * 3, range(3), 0), ([[2, 1], [0, 0], [0, 0]], range(3, 5),
-                                                                     reference_tokens_small(2, 1, s))):
+    cases = [([[0, 0]] * 3, 3, range(3), 0),  # three untiled images: views 0-2
+             # a 2 x 1 grid (global view + 2 tiles: views 0-2) before two untiled images (views 3, 4)
+             ([[2, 1], [0, 0], [0, 0]], 5, range(3, 5), reference_tokens_small(2, 1, s))]
+    for grids, view_count, untiled, tiled_tokens in cases:
         with torch.no_grad():
-            views = projector.project(features[:len(grids) + 2 * bool(tiled_tokens)])
-            out = projector(features[:views.shape[0]], torch.tensor(grids))
+            views = projector.project(features[:view_count])
+            out = projector(features[:view_count], torch.tensor(grids))
         expected = [views[v, r, c] if c < s else newline for v in untiled for r in range(s) for c in range(s + 1)]
         assert out.shape[0] == tiled_tokens + len(expected)
         torch.testing.assert_close(out[tiled_tokens:], torch.stack(expected), rtol=0, atol=0)
