@@ -2,6 +2,7 @@
 tokens, and what it writes is a SiglipVisionModel directory that transformers and ``model.vision_pretrained_path``
 read back to the same features."""
 
+import shutil
 import subprocess
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import SiglipVisionModel
 
-from conftest import PYTHON, ROOT, TINY_LM, TINY_VISION_56, build_pixellm, compose_cfg
+from conftest import PYTHON, QUICK, ROOT, TINY_LM, TINY_VISION_56, build_pixellm, compose_cfg, run_train
 from nemo_pixellm import tiling
 from nemo_pixellm.hf.siglip import save_siglip_tower
 from nemo_pixellm.vision_pretrain import (TowerPretrainArgs, caption_token_targets, pretrain_tower, rarity_weights,
@@ -73,3 +74,21 @@ def test_cli_pretrains_a_checkpoints_tower(trained_checkpoint, tmp_path):
     again = subprocess.run([PYTHON, "-m", "nemo_pixellm.vision_pretrain", f"checkpoint={trained_checkpoint}",
                             f"out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and f"out={out} already holds files" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_loads_after_the_tower_it_started_from_moved(trained_checkpoint, cache_dir, tmp_path):
+    """A stage-1 run starts its tower from a SiglipVisionModel directory; its checkpoint holds that tower, so
+    evaluating, exporting or generating from it must not read the directory again (it may be gone)."""
+    from nemo_pixellm.evaluate import load
+
+    start, _, _ = load(str(trained_checkpoint))
+    save_siglip_tower(start.vision_model, tmp_path / "tower")
+    run_train(["+stage=stage1", *QUICK, "train.train_iters=1", "dataset.image_size=112", "dataset.max_tiles=4",
+               f"model.vision_pretrained_path={tmp_path / 'tower'}", f"checkpoint.save={tmp_path / 'checkpoints'}",
+               f"run_dir={tmp_path / 'run'}"], cache_dir)
+    shutil.rmtree(tmp_path / "tower")
+    loaded, _, _ = load(str(tmp_path / "checkpoints"))
+    started = start.vision_model.state_dict()
+    for name, value in loaded.vision_model.state_dict().items():  # stage 1 trains the projector alone
+        torch.testing.assert_close(value, started[name], rtol=0, atol=0, msg=name)

@@ -156,6 +156,18 @@ class PixelLMProvider(MLAModelProvider):
         beyond the original context; within it, plain RoPE."""
         return self.rope_type == "yarn" and self.seq_length > self.original_max_position_embeddings
 
+    def _load_pretrained(self, model: PixelLMModel) -> None:
+        if self.pretrained_export_path:  # the whole VLM: its three parts, each checked against the model
+            export = Path(self.pretrained_export_path)
+            self.vision_pretrained_path = self.vision_pretrained_path or str(export / "vision_tower")
+            self.language_pretrained_path = self.language_pretrained_path or str(export / "language_model")
+            if model.projector is not None:
+                load_exported_projector(model.projector, export, self.image_token_id)
+        if self.vision_pretrained_path and model.vision_model is not None:
+            load_siglip_tower(model.vision_model, self.vision_pretrained_path)
+        if self.language_pretrained_path:
+            load_hf_language_model(model.language_model, self.language_pretrained_path, self)
+
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> PixelLMModel:
         if self.rope_type == "yarn" and not self.yarn_active():
             self.rope_type = "rope"
@@ -178,16 +190,8 @@ class PixelLMProvider(MLAModelProvider):
             post_process=language_model.post_process,
             pg_collection=compat.process_groups(self),
         )
-        if self.pretrained_export_path:  # the whole VLM: its three parts, each checked against the model
-            export = Path(self.pretrained_export_path)
-            self.vision_pretrained_path = self.vision_pretrained_path or str(export / "vision_tower")
-            self.language_pretrained_path = self.language_pretrained_path or str(export / "language_model")
-            if model.projector is not None:
-                load_exported_projector(model.projector, export, self.image_token_id)
-        if self.vision_pretrained_path and model.vision_model is not None:
-            load_siglip_tower(model.vision_model, self.vision_pretrained_path)
-        if self.language_pretrained_path:
-            load_hf_language_model(model.language_model, self.language_pretrained_path, self)
+        if self.perform_initialization:  # off when a checkpoint's weights follow (Bridge's loaders): the
+            self._load_pretrained(model)  # pretrained parts were only where training started, and may have moved
         apply_trainable(model, self.trainable_modules)
         if self.freeze_moe_router:
             freeze_routers(model)
