@@ -3,8 +3,8 @@ triangle) from the token's features at the projector output, over the cells of h
 
     .venv/bin/python benchmarks/shape_probe.py CHECKPOINT [CHECKPOINT ...] [--train 300] [--test 200]
 
-Issue 20: "How many circles are there?" is the question type that fails by seed (50-61% in most chains, 100% in
-one), while "How many shapes are there?" is right in every chain. If the tokens hold the shape, the decoder's
+Issue 20: "How many circles are there?" is the question type that fails by seed (50-61% in five chains, 99-100% in
+two), while "How many shapes are there?" is right in every chain. If the tokens hold the shape, the decoder's
 lookup is what fails; if not, the tower is. Chance is about a third. Same probe as ``position_probe.py``
 (logistic regression on standardised features, LBFGS); the shapes are recorded as the generator draws them.
 """
