@@ -3,13 +3,14 @@ the plugin's Hugging Face name map), same batch, fp32, the same thread count, A/
 
     .venv/bin/python benchmarks/vs_transformers.py [--repeats 12] [--threads 2] [--parts train decode entry] [--json out.json]
 
-Prints per case the medians, the median of the pairwise time ratios (plugin / transformers: < 1 is faster),
-whether both decoded the same greedy tokens, and for the training steps the model FLOP/s against this
-machine's measured fp32 matmul peak. A training step is forward, backward and one AdamW step of the language
-model alone (same torch optimizer on both sides). ``entry`` compares the tiny VLM's stage-2 step through the
-real entry point (``python -m nemo_pixellm.train``: Bridge's loop, its data loader, logging, callbacks) with the same
-model's step in process (Bridge's setup, then only Megatron's forward-backward schedule and the optimizer step
-on micro-batches read beforehand), each in its own process. Run it alone on the machine.
+Prints per case the medians, the median of the pairwise time ratios (plugin / transformers: < 1 is faster), whether
+both decoded the same greedy tokens, and for the training steps the model FLOP/s against this machine's measured
+fp32 matmul peak. A training step is forward, backward and one AdamW step of the language model alone (the same
+torch optimizer on both sides: AdamW with its fused CPU kernel, which training uses on CPUs). ``entry`` compares
+the tiny VLM's stage-2 step through the real entry point (``python -m nemo_pixellm.train``: Bridge's loop, its data
+loader, logging, callbacks) with the same model's step in process (Bridge's setup, then only Megatron's forward-
+backward schedule and the optimizer step on micro-batches read beforehand), each in its own process. Run it alone
+on the machine.
 """
 
 import argparse
@@ -117,7 +118,7 @@ def train_part(name: str, repeats: int, peak: float) -> dict:
     ids = torch.randint(0, MODELS[name]["vocab_size"] - 1, (batch, seq), generator=torch.Generator().manual_seed(1))
     targets = torch.roll(ids, -1, dims=1)
     positions = torch.arange(seq).expand(batch, -1)
-    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (plugin, hf)}
+    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True) for m in (plugin, hf)}
 
     def plugin_step():
         loss = plugin(ids, positions, attention_mask=None, labels=targets).mean()
@@ -204,6 +205,7 @@ def in_process_step_times(steps: int, run_dir: Path) -> list[float]:
 
     from nemo_pixellm.train import CONF_DIR, _free_port
     from nemo_pixellm.training.config import build_config
+    from nemo_pixellm.training.fused_adam import fuse_cpu_adam
     from nemo_pixellm.training.run_state import RunState
     from nemo_pixellm.training.step import ForwardStep
 
@@ -215,6 +217,7 @@ def in_process_step_times(steps: int, run_dir: Path) -> list[float]:
     state.cfg = build_config(cfg)
     runtime_config_update(state.cfg)
     built = setup(state, get_dataset_provider(state.cfg.dataset))
+    fuse_cpu_adam(built.optimizer)  # as the entry point's FusedCPUAdam callback does
     train = state.cfg.train
     micro = train.global_batch_size // train.micro_batch_size
     batches = [[next(built.train_data_iterator) for _ in range(micro)] for _ in range(steps)]

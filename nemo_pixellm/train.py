@@ -57,6 +57,7 @@ def run(cfg: DictConfig) -> None:
 
     from nemo_pixellm.training.config import build_config
     from nemo_pixellm.training.ema import EMACallback
+    from nemo_pixellm.training.fused_adam import FusedCPUAdam
     from nemo_pixellm.training.vqa_eval import VQAEvalCallback
     from nemo_pixellm.training.progress import ProgressCallback
     from nemo_pixellm.training.run_state import RunState
@@ -70,7 +71,7 @@ def run(cfg: DictConfig) -> None:
                   flush=True)
         return
     run_state = RunState()  # what the forward step and the callbacks share
-    callbacks = [ProgressCallback(run_state, cfg.run_dir)]
+    callbacks = [ProgressCallback(run_state, cfg.run_dir), FusedCPUAdam()]
     if cfg.stage.name == "stage4":
         from nemo_pixellm.data import sources
         from nemo_pixellm.preference import stage4_step
