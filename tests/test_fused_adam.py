@@ -6,12 +6,14 @@ import torch
 from conftest import TINY_LM, TINY_VISION_56, build_pixellm
 from nemo_pixellm.training.fused_adam import fuse_cpu_adam, torch_adams
 
+MODEL = dict(seed=3, vocab_size=256, seq_length=32, image_token_id=5, **TINY_LM, **TINY_VISION_56)
+
 
 def _trained_weights(fused: bool, steps: int = 2) -> tuple[dict[str, torch.Tensor], int]:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    model = build_pixellm(None, seed=3, vocab_size=256, seq_length=32, image_token_id=5, **TINY_LM, **TINY_VISION_56)
+    model = build_pixellm(None, **MODEL)
     model.train()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     optimizer = get_megatron_optimizer(
@@ -32,8 +34,7 @@ def _trained_weights(fused: bool, steps: int = 2) -> tuple[dict[str, torch.Tenso
 
 
 def test_fused_cpu_adam_steps_as_torchs_per_tensor_adamw(megatron_single_process):
-    start = {k: v.detach().clone() for k, v in build_pixellm(
-        None, seed=3, vocab_size=256, seq_length=32, image_token_id=5, **TINY_LM, **TINY_VISION_56).named_parameters()}
+    start = {k: v.detach().clone() for k, v in build_pixellm(None, **MODEL).named_parameters()}
     fused, groups = _trained_weights(fused=True)
     loop, _ = _trained_weights(fused=False)
     assert groups >= 2  # every group of Megatron's optimizer (dense, experts)
